@@ -98,7 +98,8 @@ def module_group(module: str) -> str:
 
 def peft_key(layer: int, module: str, factor: str) -> str:
     """The safetensors key PEFT uses for `factor` ("A" or "B") of `module` in `layer`."""
-    return f"base_model.model.model.layers.{layer}.{module_group(module)}.{module}.lora_{factor}.weight"
+    group = module_group(module)
+    return f"base_model.model.model.layers.{layer}.{group}.{module}.lora_{factor}.weight"
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -195,7 +196,9 @@ def _read_weights(spec: AdapterSpec) -> dict[str, dict[str, np.ndarray]]:
     for key, value in tensors.items():
         match = _KEY_PATTERN.match(key)
         if match is None:
-            raise AdapterError(f"{weights_path}: unexpected tensor {key!r} (not a plain LoRA factor)")
+            raise AdapterError(
+                f"{weights_path}: unexpected tensor {key!r} (not a plain LoRA factor)"
+            )
         module = match["module"]
         if module not in spec.target_modules:
             raise AdapterError(
@@ -206,7 +209,9 @@ def _read_weights(spec: AdapterSpec) -> dict[str, dict[str, np.ndarray]]:
             raise AdapterError(f"{weights_path}: tensor {key!r} is under the wrong submodule")
         array = np.asarray(value.astype(jnp.float32))
         if array.ndim != 2:
-            raise AdapterError(f"{weights_path}: tensor {key!r} has shape {array.shape}, expected 2-D")
+            raise AdapterError(
+                f"{weights_path}: tensor {key!r} has shape {array.shape}, expected 2-D"
+            )
         if not np.isfinite(array).all():
             raise AdapterError(f"{weights_path}: tensor {key!r} contains NaN or Inf")
         found.setdefault(module, {}).setdefault(match["factor"], {})[int(match["layer"])] = array
@@ -240,7 +245,9 @@ def _read_weights(spec: AdapterSpec) -> dict[str, dict[str, np.ndarray]]:
         result[module] = {"A": a, "B": b}
     layer_counts = {m: f["A"].shape[0] for m, f in result.items()}
     if len(set(layer_counts.values())) != 1:
-        raise AdapterError(f"{weights_path}: modules cover different numbers of layers: {layer_counts}")
+        raise AdapterError(
+            f"{weights_path}: modules cover different numbers of layers: {layer_counts}"
+        )
     return result
 
 
@@ -317,9 +324,7 @@ class AdapterLibrary:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(
-        cls, source: str | os.PathLike | Iterable[str | os.PathLike]
-    ) -> AdapterLibrary:
+    def load(cls, source: str | os.PathLike | Iterable[str | os.PathLike]) -> AdapterLibrary:
         """Load a library directory (one PEFT adapter per subdirectory) or a list of dirs."""
         dirs = _adapter_dirs(source)
         specs = [_read_config(d) for d in dirs]
@@ -343,7 +348,11 @@ class AdapterLibrary:
             ref_a, ref_b = weights[0][module]["A"], weights[0][module]["B"]
             for spec, w in zip(specs, weights, strict=True):
                 a, b = w[module]["A"], w[module]["B"]
-                if (a.shape[0], a.shape[2], b.shape[1]) != (ref_a.shape[0], ref_a.shape[2], ref_b.shape[1]):
+                if (a.shape[0], a.shape[2], b.shape[1]) != (
+                    ref_a.shape[0],
+                    ref_a.shape[2],
+                    ref_b.shape[1],
+                ):
                     raise AdapterError(
                         f"{spec.path / WEIGHTS_NAME}: {module!r} has L={a.shape[0]}, "
                         f"d_in={a.shape[2]}, d_out={b.shape[1]} but {first.path / WEIGHTS_NAME} "
@@ -380,9 +389,7 @@ class AdapterLibrary:
     def adapter_bytes(self, dtype=jnp.bfloat16) -> int:
         """Bytes of one rank-r adapter's factors stored in `dtype` (what a merged adapter costs)."""
         itemsize = jnp.dtype(dtype).itemsize
-        return sum(
-            (f["A"][0].size + f["B"][0].size) * itemsize for f in self.params.values()
-        )
+        return sum((f["A"][0].size + f["B"][0].size) * itemsize for f in self.params.values())
 
     def storage_bytes(self, dtype=jnp.bfloat16) -> int:
         """Bytes of the whole library's factors in `dtype`."""
@@ -422,7 +429,9 @@ class AdapterLibrary:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             with ocp.StandardCheckpointer() as checkpointer:
-                checkpointer.save(tmp / ARRAYS_DIR_NAME, {"params": self.params, "scale": self.scale})
+                checkpointer.save(
+                    tmp / ARRAYS_DIR_NAME, {"params": self.params, "scale": self.scale}
+                )
             meta = {
                 "names": list(self.names),
                 "rank": self.rank,
@@ -450,7 +459,9 @@ class AdapterLibrary:
             arrays = checkpointer.restore(path / ARRAYS_DIR_NAME)
         return cls(
             names=tuple(meta["names"]),
-            params={m: {f: jnp.asarray(x) for f, x in fs.items()} for m, fs in arrays["params"].items()},
+            params={
+                m: {f: jnp.asarray(x) for f, x in fs.items()} for m, fs in arrays["params"].items()
+            },
             scale=jnp.asarray(arrays["scale"]),
             rank=int(meta["rank"]),
             ranks=tuple(meta["ranks"]),

@@ -56,7 +56,9 @@ def peft_factors(peft_model, module: str, layer: int):
 @pytest.fixture
 def library_dir(tmp_path):
     root = tmp_path / "lib"
-    models = {name: make_peft_adapter(root / name, seed) for seed, name in enumerate(["b", "a", "c"])}
+    models = {
+        name: make_peft_adapter(root / name, seed) for seed, name in enumerate(["b", "a", "c"])
+    }
     return root, models
 
 
@@ -99,8 +101,12 @@ def test_save_peft_adapter_loads_in_peft_with_same_delta(library_dir, tmp_path):
     lib = AdapterLibrary.load(root)
     params, scale = lib.adapter(1)
     out = save_peft_adapter(
-        tmp_path / "out", params, rank=lib.rank, alpha=scale * lib.rank,
-        base_model=lib.base_model, dtype=jnp.float32,
+        tmp_path / "out",
+        params,
+        rank=lib.rank,
+        alpha=scale * lib.rank,
+        base_model=lib.base_model,
+        dtype=jnp.float32,
     )
     loaded = PeftModel.from_pretrained(tiny_torch_model(), str(out))
     for module in lib.target_modules:

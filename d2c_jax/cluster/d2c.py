@@ -1,0 +1,315 @@
+"""D2C: data-driven clustering by exact reassignment search (see DESIGN.md).
+
+The objective of an assignment is
+
+    J(assign) = mean over tasks t of  nll_t(merge(cluster of t)),
+
+the dev-set loss of each task under the merged adapter of its cluster. Because a
+cluster's merge and losses depend only on its member set, the search works with
+*cluster losses* ``S(members) = sum_{t in members} nll_t(merge(members))`` and
+``J = sum_k S(cluster k) / N``. A candidate move of adapter i from cluster a to
+cluster b changes J by
+
+    dJ(i -> b) = [S(a - i) + S(b + i) - S(a) - S(b)] / N,
+
+so scoring every move of an iteration needs at most N "source" sets ``a - i`` and
+N (K-1) "destination" sets ``b + i``. All of them go to the objective in one
+batched call (`Objective.task_losses` on a ``[C, N]`` membership mask, which merges
+and scores them with vmapped, jitted kernels); member sets already scored are
+served from a cache keyed by membership, so after a move only sets that involve
+the two changed clusters are scored again.
+
+Modes:
+  * ``best``: every iteration scores all N (K-1) moves and applies the single best
+    improving one.
+  * ``sweep``: an iteration visits the adapters in a seeded order (a function of
+    seed and iteration) and applies each adapter's best improving move at once.
+Moves that would empty a cluster are never considered. The search stops when no
+move improves J by more than `tol` or after `max_iters` iterations.
+
+Resumability: with a checkpoint directory the state (assignment, iteration, log
+and the score cache) is saved with orbax after every iteration; a resumed run
+continues from the last saved iteration and reaches the same assignment as an
+uninterrupted one (scores come from the same cache or the same deterministic
+kernels, ties are broken by the fixed order of (adapter, cluster)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from d2c_jax.cluster.base import ClusteringResult, membership_mask
+from d2c_jax.cluster.parameter import KMeansClustering, RandomClustering
+from d2c_jax.library import AdapterLibrary
+
+
+class Objective(Protocol):
+    """What D2C needs from the data: per-task losses of merged member sets."""
+
+    num_tasks: int
+
+    def task_losses(self, masks: np.ndarray) -> np.ndarray:
+        """``masks [C, N]`` bool -> ``[C, N]`` float64: nll of each member task under the
+        merge of that row's members, 0 for non-members."""
+        ...
+
+
+class CachedObjective:
+    """Memoises `Objective.task_losses` by membership set and counts real evaluations."""
+
+    def __init__(self, objective: Objective):
+        self.objective = objective
+        self.cache: dict[bytes, np.ndarray] = {}
+        self.evaluations = 0
+
+    @staticmethod
+    def key(mask: np.ndarray) -> bytes:
+        return np.packbits(mask.astype(bool)).tobytes()
+
+    def cluster_losses(self, masks: np.ndarray) -> np.ndarray:
+        """``masks [C, N]`` -> ``S [C]`` (sum of member-task losses), scoring only unseen sets."""
+        keys = [self.key(m) for m in masks]
+        missing: dict[bytes, np.ndarray] = {}
+        for key, mask in zip(keys, masks, strict=True):
+            if key not in self.cache and key not in missing:
+                missing[key] = mask
+        if missing:
+            losses = self.objective.task_losses(np.stack(list(missing.values())))
+            for key, row in zip(missing, losses, strict=True):
+                self.cache[key] = np.asarray(row, np.float64)
+            self.evaluations += len(missing)
+        return np.array([self.cache[key].sum() for key in keys])
+
+    def state(self) -> dict[str, np.ndarray]:
+        keys = list(self.cache)
+        n = self.objective.num_tasks
+        return {
+            "keys": np.stack([np.unpackbits(np.frombuffer(k, np.uint8))[:n] for k in keys])
+            if keys
+            else np.zeros((0, n), np.uint8),
+            "values": np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, n)),
+        }
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for mask, values in zip(state["keys"], state["values"], strict=True):
+            self.cache[self.key(mask)] = np.asarray(values, np.float64)
+
+
+def move_deltas(assign: np.ndarray, k: int, cached: CachedObjective, movers: np.ndarray):
+    """Change of N*J for moving each adapter in `movers` to each cluster.
+
+    Returns ``[len(movers), K]`` (inf where the move is a no-op or would empty a
+    cluster) from one batched evaluation of all needed member sets: the K current
+    clusters first, then per mover its source set and its K-1 destination sets.
+    """
+    current = membership_mask(assign, k)  # [K, N]
+    sizes = current.sum(1)
+    masks = list(current)
+    slots: dict[tuple[int, int], tuple[int, int]] = {}  # (mover row, b) -> (source, dest)
+    for row, i in enumerate(movers):
+        a = assign[i]
+        if sizes[a] == 1:
+            continue  # moving i would empty its cluster
+        source = current[a].copy()
+        source[i] = False
+        masks.append(source)
+        source_slot = len(masks) - 1
+        for b in range(k):
+            if b != a:
+                dest = current[b].copy()
+                dest[i] = True
+                masks.append(dest)
+                slots[row, b] = (source_slot, len(masks) - 1)
+    losses = cached.cluster_losses(np.stack(masks))
+    deltas = np.full((len(movers), k), np.inf)
+    for (row, b), (source_slot, dest_slot) in slots.items():
+        a = assign[movers[row]]
+        deltas[row, b] = losses[source_slot] + losses[dest_slot] - losses[a] - losses[b]
+    return deltas
+
+
+@dataclasses.dataclass(frozen=True)
+class D2CClustering:
+    """D2C search settings.
+
+    Attributes:
+      init: initial assignment, ``kmeans`` (K-Means on parameters) or ``random``.
+      mode: ``best`` (best single move per iteration) or ``sweep`` (Gauss-Seidel).
+      max_iters: upper bound on iterations.
+      tol: a move must lower J by more than this (nats/token averaged over tasks).
+      kmeans: settings of the K-Means initialisation.
+    """
+
+    name: ClassVar[str] = "d2c"
+    init: str = "kmeans"
+    mode: str = "best"
+    max_iters: int = 50
+    tol: float = 1e-4
+    kmeans: KMeansClustering = KMeansClustering()
+
+    def __post_init__(self):
+        if self.init not in ("kmeans", "random"):
+            raise ValueError(f"init must be 'kmeans' or 'random', got {self.init!r}")
+        if self.mode not in ("best", "sweep"):
+            raise ValueError(f"mode must be 'best' or 'sweep', got {self.mode!r}")
+        if self.max_iters < 0 or self.tol < 0:
+            raise ValueError("max_iters and tol must be non-negative")
+
+    def initial_assignment(self, library: AdapterLibrary, k: int, seed: int) -> np.ndarray:
+        method = self.kmeans if self.init == "kmeans" else RandomClustering()
+        return method.fit(library, k, seed).assign
+
+    def fit(
+        self,
+        library: AdapterLibrary,
+        k: int,
+        seed: int,
+        objective: Objective | None = None,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> ClusteringResult:
+        if objective is None:
+            raise ValueError("d2c needs dev examples: pass an objective (--examples)")
+        if objective.num_tasks != library.num_adapters:
+            raise ValueError(
+                f"objective covers {objective.num_tasks} tasks, library has {library.num_adapters}"
+            )
+        n = library.num_adapters
+        cached = CachedObjective(objective)
+        checkpoint = _SearchCheckpoint(checkpoint_dir) if checkpoint_dir else None
+        restored = checkpoint.restore() if checkpoint else None
+        if restored is not None:
+            assign, iteration, log, cache_state = restored
+            cached.load_state(cache_state)
+        else:
+            assign = self.initial_assignment(library, k, seed)
+            iteration, log = 0, []
+            start = time.perf_counter()
+            objective_value = cached.cluster_losses(membership_mask(assign, k)).sum() / n
+            log.append(
+                {
+                    "iteration": 0,
+                    "objective": objective_value,
+                    "moves": [],
+                    "candidates_scored": cached.evaluations,
+                    "candidates_considered": k,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            if checkpoint:
+                checkpoint.save(assign, iteration, log, cached.state(), done=False)
+
+        bar = tqdm(total=self.max_iters, initial=iteration, desc=f"d2c K={k}", disable=not progress)
+        done = bool(log and log[-1].get("converged"))
+        while not done and iteration < self.max_iters:
+            start = time.perf_counter()
+            before = cached.evaluations
+            assign, moves, considered = self._iterate(assign, k, cached, seed, iteration + 1)
+            iteration += 1
+            seconds = time.perf_counter() - start
+            objective_value = cached.cluster_losses(membership_mask(assign, k)).sum() / n
+            scored = cached.evaluations - before
+            done = not moves
+            log.append(
+                {
+                    "iteration": iteration,
+                    "objective": objective_value,
+                    "moves": [
+                        {"adapter": library.names[i], "from": int(a), "to": int(b), "delta_j": d}
+                        for i, a, b, d in moves
+                    ],
+                    "candidates_scored": scored,
+                    "candidates_considered": considered,
+                    "seconds": seconds,
+                    "converged": done,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(J=f"{objective_value:.4f}", cand_per_s=f"{scored / seconds:.1f}")
+            if checkpoint:
+                checkpoint.save(assign, iteration, log, cached.state(), done=done)
+        bar.close()
+        return ClusteringResult(
+            self.name,
+            assign.astype(np.int32),
+            k,
+            log=tuple(log),
+            objective=log[-1]["objective"],
+            info={
+                "initial_objective": log[0]["objective"],
+                "iterations": iteration,
+                "converged": done,
+                "candidates_scored": cached.evaluations,
+                "init": self.init,
+                "mode": self.mode,
+            },
+        )
+
+    def _iterate(self, assign, k, cached, seed, iteration):
+        """One iteration; returns (new assign, [(i, from, to, dJ)], candidates considered)."""
+        n = assign.shape[0]
+        assign = assign.copy()
+        if self.mode == "best":
+            deltas = move_deltas(assign, k, cached, np.arange(n)) / n  # [N, K]
+            i, b = np.unravel_index(np.argmin(deltas), deltas.shape)
+            considered = int(np.isfinite(deltas).sum())
+            if deltas[i, b] < -self.tol:
+                move = (int(i), int(assign[i]), int(b), float(deltas[i, b]))
+                assign[i] = b
+                return assign, [move], considered
+            return assign, [], considered
+        moves, considered = [], 0
+        order = np.random.default_rng([seed, iteration]).permutation(n)
+        for i in order:
+            deltas = move_deltas(assign, k, cached, np.array([i]))[0] / n
+            considered += int(np.isfinite(deltas).sum())
+            b = int(np.argmin(deltas))
+            if deltas[b] < -self.tol:
+                moves.append((int(i), int(assign[i]), b, float(deltas[b])))
+                assign[i] = b
+        return assign, moves, considered
+
+
+class _SearchCheckpoint:
+    """Orbax checkpoint of the search state after each iteration (see module docstring)."""
+
+    def __init__(self, directory: str | Path):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        )
+
+    def save(self, assign, iteration, log, cache_state, done) -> None:
+        import orbax.checkpoint as ocp
+
+        state = {
+            "assign": np.asarray(assign, np.int32),
+            "cache_keys": cache_state["keys"].astype(np.uint8),
+            "cache_values": cache_state["values"],
+            "log": np.frombuffer(json.dumps(log).encode(), np.uint8),
+        }
+        self.manager.save(iteration, args=ocp.args.StandardSave(state))
+        self.manager.wait_until_finished()
+
+    def restore(self) -> tuple[np.ndarray, int, list[dict[str, Any]], dict] | None:
+        import orbax.checkpoint as ocp
+
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        state = self.manager.restore(step, args=ocp.args.StandardRestore())
+        log = json.loads(np.asarray(state["log"], np.uint8).tobytes().decode())
+        cache_state = {
+            "keys": np.asarray(state["cache_keys"]),
+            "values": np.asarray(state["cache_values"]),
+        }
+        return np.asarray(state["assign"], np.int64), int(step), log, cache_state
