@@ -81,6 +81,11 @@ _UNSUPPORTED_WHEN_NONEMPTY = (
 LoraParams = dict[str, dict[str, jax.Array]]
 
 
+def embedded_library_dir() -> Path:
+    """The library of 40 adapters for the embedded SmolLM2 shipped with the package."""
+    return Path(__file__).parent / "data" / "library"
+
+
 class AdapterError(ValueError):
     """An adapter file or directory is missing, malformed or unsupported."""
 

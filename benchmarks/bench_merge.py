@@ -1,0 +1,295 @@
+"""Merge throughput: our batched kernels vs PEFT ``add_weighted_adapter`` in a loop.
+
+Same random adapters for both (SmolLM2-135M shapes: 30 layers, q_proj 576x576 and
+v_proj 192x576, rank 8, N=40), same merges, same process. Scenarios:
+
+- ``clustering``: K=5 clusters of 8 adapters (a 12.5% storage budget), all
+  merged at once by one call (ours) vs one ``add_weighted_adapter`` per cluster.
+- ``candidates``: many overlapping candidate clusters (what the D2C search
+  scores), ours merging them all in one call from a library prepared once.
+
+Throughput is GB of member adapter parameters (float32 A and B) merged per
+second: sum over clusters of (members x bytes of one adapter) / seconds. The
+machine's memory bandwidth is a plain NumPy copy measured in the same run
+(bytes read + written per second); "fraction of bandwidth" is our throughput
+over it. Ours is timed end to end (trimming included) and split into prepare
+(trim / DARE once per adapter) and combine (per membership mask); PEFT's time
+is only its add_weighted_adapter calls (deleting the merged adapter between
+calls is not timed). Every merge is first checked to agree with PEFT.
+
+    python benchmarks/bench_merge.py --quick     # under 2 minutes
+    python benchmarks/bench_merge.py             # more methods, delta space, repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import memory_bandwidth, time_calls, write_result  # noqa: E402
+from d2c_jax import merging  # noqa: E402
+from kernels.merge import MergeConfig  # noqa: E402
+
+LAYERS, RANK, ALPHA, HIDDEN = 30, 8, 16, 576
+SHAPES = {"q_proj": (576, 576), "v_proj": (192, 576)}  # (d_out, d_in)
+
+
+def random_library(n: int, seed: int):
+    """Stacked random adapters with realistic magnitudes (A ~ kaiming-uniform, B small)."""
+    rng = np.random.default_rng(seed)
+    params = {
+        m: {
+            "A": rng.uniform(-1, 1, (n, LAYERS, RANK, d_in)).astype(np.float32) / np.sqrt(d_in),
+            "B": rng.normal(0, 0.01, (n, LAYERS, d_out, RANK)).astype(np.float32),
+        }
+        for m, (d_out, d_in) in SHAPES.items()
+    }
+    return params, np.full(n, ALPHA / RANK, np.float32)
+
+
+def adapter_bytes(params) -> int:
+    return sum(x[0].nbytes for f in params.values() for x in f.values())
+
+
+def peft_model(params, names):
+    """A torch Llama with SmolLM2's attention shapes (MLP and vocab shrunk) and N adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    )
+    lora = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(SHAPES))
+    model = get_peft_model(LlamaForCausalLM(config), lora, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lora)
+    with torch.no_grad():
+        for layer, block in enumerate(model.base_model.model.model.layers):
+            for m in SHAPES:
+                module = getattr(block.self_attn, m)
+                for n, name in enumerate(names):
+                    module.lora_A[name].weight.copy_(torch.from_numpy(params[m]["A"][n, layer]))
+                    module.lora_B[name].weight.copy_(torch.from_numpy(params[m]["B"][n, layer]))
+    return model
+
+
+def peft_merge(model, names, members, combination, density):
+    """One add_weighted_adapter call; returns (seconds, {m: (A [L,r,i], B [L,o,r])})."""
+    start = time.perf_counter()
+    model.add_weighted_adapter(
+        adapters=[names[i] for i in members],
+        weights=[1.0] * len(members),
+        adapter_name="merged",
+        combination_type=combination,
+        density=density,
+    )
+    seconds = time.perf_counter() - start
+    layers = model.base_model.model.model.layers
+    out = {
+        m: (
+            np.stack([getattr(b.self_attn, m).lora_A["merged"].weight.detach().numpy() for b in layers]),
+            np.stack([getattr(b.self_attn, m).lora_B["merged"].weight.detach().numpy() for b in layers]),
+        )
+        for m in SHAPES
+    }
+    model.delete_adapter("merged")
+    return seconds, out
+
+
+def max_relative_error(ours, peft, cluster: int) -> float:
+    """Largest ||ours - peft|| / ||peft|| over modules of the dense B @ A."""
+    errors = []
+    for m, (a, b) in peft.items():
+        ref = b @ a
+        got = np.asarray(ours[m]["B"][cluster] @ ours[m]["A"][cluster])
+        errors.append(float(np.linalg.norm(got - ref) / np.linalg.norm(ref)))
+    return max(errors)
+
+
+def membership_of(clusters, n):
+    mask = np.zeros((len(clusters), n), np.float32)
+    for c, members in enumerate(clusters):
+        mask[c, list(members)] = 1
+    return mask
+
+
+def bench_ours(params, scale, names, clusters, config, repeat):
+    """End-to-end, prepare-only and combine-only seconds of merging all clusters at once."""
+    membership = jnp.asarray(membership_of(clusters, len(names)))
+
+    def full():
+        out = merging.merge(params, scale, membership, config, names=names)
+        return jax.block_until_ready(out.params)
+
+    def prepare():
+        return jax.block_until_ready(merging.prepare(params, scale, config, names=names).tensors)
+
+    prepared = merging.prepare(params, scale, config, names=names)
+
+    def combine():
+        return jax.block_until_ready(merging.merged_factors(prepared, membership).params)
+
+    return {
+        "end_to_end": time_calls(full, repeat=repeat),
+        "prepare": time_calls(prepare, repeat=repeat),
+        "combine": time_calls(combine, repeat=repeat),
+    }, full()
+
+
+def run_case(label, config, combination, params, scale, names, model, clusters, peft_clusters, repeat, peft_repeat):
+    """Time ours on all `clusters` and PEFT on `peft_clusters` (a subset), check agreement."""
+    one = adapter_bytes(params)
+    ours_bytes = sum(len(c) for c in clusters) * one
+    peft_bytes = sum(len(c) for c in peft_clusters) * one
+    timings, merged = bench_ours(params, scale, names, clusters, config, repeat)
+    peft_runs = []
+    error = 0.0
+    for rep in range(peft_repeat):
+        total = 0.0
+        for c, members in enumerate(peft_clusters):
+            seconds, out = peft_merge(model, names, members, combination, config.density)
+            total += seconds
+            if rep == 0:
+                error = max(error, max_relative_error(merged, out, c))
+        peft_runs.append(total)
+    peft_seconds = min(peft_runs)
+    result = {
+        "method": config.method,
+        "peft_combination_type": combination,
+        "config": config.to_dict(),
+        "clusters": len(clusters),
+        "peft_clusters": len(peft_clusters),
+        "max_relative_error_vs_peft": error,
+        "ours": {
+            part: {**t, "gb_per_s": ours_bytes / t["min"] / 1e9} for part, t in timings.items()
+        },
+        "peft": {
+            "seconds_min": peft_seconds,
+            "runs": peft_runs,
+            "seconds_per_merge": peft_seconds / len(peft_clusters),
+            "gb_per_s": peft_bytes / peft_seconds / 1e9,
+        },
+    }
+    result["speedup_end_to_end"] = result["ours"]["end_to_end"]["gb_per_s"] / result["peft"]["gb_per_s"]
+    result["speedup_combine"] = result["ours"]["combine"]["gb_per_s"] / result["peft"]["gb_per_s"]
+    print(
+        f"{label:34s} ours {result['ours']['end_to_end']['gb_per_s']:7.3f} GB/s end-to-end, "
+        f"{result['ours']['combine']['gb_per_s']:7.3f} combine | PEFT {result['peft']['gb_per_s']:7.4f} "
+        f"GB/s | x{result['speedup_end_to_end']:.1f} / x{result['speedup_combine']:.1f} "
+        f"| err {error:.1e}",
+        flush=True,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer methods and repeats (< 2 min)")
+    parser.add_argument("--adapters", type=int, default=40, help="library size N (default: 40)")
+    parser.add_argument("--clusters", type=int, default=5, help="K (default: 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_merge", help="result name under benchmarks/results/")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    n, k = args.adapters, args.clusters
+    rng = np.random.default_rng(args.seed)
+    params, scale = random_library(n, args.seed)
+    names = [f"task{i:03d}" for i in range(n)]
+    clusters = [tuple(sorted(c)) for c in np.array_split(rng.permutation(n), k)]
+    # D2C candidates: cluster c with one outside adapter moved in (one per adapter).
+    candidates = []
+    for i in range(n):
+        home = next(c for c, members in enumerate(clusters) if i in members)
+        target = (home + 1) % k
+        candidates.append(tuple(sorted({*clusters[target], i})))
+    repeat, peft_repeat = (3, 1) if args.quick else (5, 3)
+    bandwidth = memory_bandwidth()
+    print(f"memory bandwidth (NumPy copy, read+write): {bandwidth['gb_per_s']:.1f} GB/s", flush=True)
+    print(f"building the PEFT model with {n} adapters ...", flush=True)
+    start = time.perf_counter()
+    model = peft_model(params, names)
+    print(f"  {time.perf_counter() - start:.1f} s", flush=True)
+    jparams = jax.tree.map(jnp.asarray, params)
+    jscale = jnp.asarray(scale)
+
+    cases = [
+        ("ties", "ties", 0.2),
+        ("task_arithmetic", "linear", None),
+    ]
+    if not args.quick:
+        cases += [("magnitude_prune", "magnitude_prune", 0.2), ("dare_ties", "dare_ties", 0.5)]
+    results = {}
+    for method, combination, density in cases:
+        config = MergeConfig(method, space="factor", density=density)
+        if method.startswith("dare"):
+            torch.manual_seed(args.seed)  # PEFT draws its own masks: timing only
+        label = f"factor {method} K={k}"
+        results[label] = run_case(
+            label, config, combination, jparams, jscale, names, model, clusters, clusters, repeat, peft_repeat
+        )
+        if method.startswith("dare"):
+            results[label]["max_relative_error_vs_peft"] = None  # different random masks
+    for method, combination, density in cases[:1]:
+        config = MergeConfig(method, space="factor", density=density)
+        label = f"factor {method} C={len(candidates)} candidates"
+        peft_subset = candidates[: len(clusters)]
+        results[label] = run_case(
+            label, config, combination, jparams, jscale, names, model, candidates, peft_subset, repeat, peft_repeat
+        )
+    # delta space (dense dW, then rank-r SVD) against PEFT's ties_svd
+    config = MergeConfig("ties", space="delta", density=0.2)
+    label = f"delta ties+svd K={k}"
+    peft_subset = clusters[:1] if args.quick else clusters
+    results[label] = run_case(
+        label, config, "ties_svd", jparams, jscale, names, model, clusters, peft_subset,
+        1 if args.quick else 3, 1,
+    )
+
+    for result in results.values():
+        for part in result["ours"].values():
+            part["fraction_of_bandwidth"] = part["gb_per_s"] / bandwidth["gb_per_s"]
+        result["peft"]["fraction_of_bandwidth"] = result["peft"]["gb_per_s"] / bandwidth["gb_per_s"]
+    path = write_result(
+        args.out,
+        {
+            "quick": args.quick,
+            "setup": {
+                "adapters": n,
+                "layers": LAYERS,
+                "rank": RANK,
+                "modules": {m: list(s) for m, s in SHAPES.items()},
+                "adapter_bytes_float32": adapter_bytes(params),
+                "clusters": [list(map(int, c)) for c in clusters],
+                "torch_threads": torch.get_num_threads(),
+                "jax_devices": [str(d) for d in jax.devices()],
+            },
+            "throughput_definition": (
+                "GB of member adapter parameters (float32 A and B) merged per second; "
+                "fraction_of_bandwidth divides by the NumPy copy bandwidth (read + write)"
+            ),
+            "memory_bandwidth": bandwidth,
+            "results": results,
+        },
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Build the embedded adapter library: train, evaluate, and write its manifest (`make library`).
+
+    python -m d2c_jax.build_library [--out d2c_jax/data/library]
+
+1. Train one LoRA adapter per task of the built-in suite on the embedded SmolLM2
+   (`d2c_jax.train.train_library`; resumable per adapter and within one).
+2. Evaluate on each task's *test* split (greedy generation, `d2c_jax.evaluate`):
+   the base model (raw prompt, and the prompt as a chat turn, which is how a user
+   would ask the instruct model), the task's own adapter, and reference merges:
+   all adapters merged into one, and the groupings by language (K = number of
+   languages) and by problem type (K = number of types), each merged with the
+   engine's default merge. Results are saved per evaluation as they finish, so an
+   interrupted build resumes where it stopped.
+3. Write ``<out>/manifest.json``: training config, seed, per-task steps, wall time,
+   stop reason, and every score above.
+
+Everything is deterministic given the seed; the shipped adapters are bfloat16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from d2c_jax import tasks as task_suite
+from d2c_jax.library import AdapterLibrary, embedded_library_dir
+from d2c_jax.train import TrainConfig, train_library
+
+EVAL_DIR_NAME = ".eval"
+MANIFEST_NAME = "manifest.json"
+MAX_NEW_TOKENS = 32
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def reference_groupings(names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Assignments of the reference merges: all-in-one, by language, by problem type."""
+    types = [task_suite.task_meta(n)[0] for n in names]
+    langs = [task_suite.task_meta(n)[1] for n in names]
+    by = lambda keys: np.unique(np.asarray(keys), return_inverse=True)[1].astype(np.int32)
+    return {
+        "one_merged": np.zeros(len(names), np.int32),
+        "by_language": by(langs),
+        "by_type": by(types),
+    }
+
+
+def evaluate_setting(
+    base, library: AdapterLibrary, setting: str, root: Path, split: str, cache: Path, merge_config
+) -> dict[str, dict[str, float]]:
+    """Per-task test metrics of one setting; cached in ``cache/<setting>.json``."""
+    from d2c_jax.evaluate import evaluate_adapters, merged_task_adapters
+
+    path = cache / f"{setting}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    start = time.perf_counter()
+    if setting.startswith("base"):
+        adapters = dict.fromkeys(library.names)
+    elif setting == "single":
+        adapters = {name: library.adapter(i) for i, name in enumerate(library.names)}
+    else:
+        assign = reference_groupings(library.names)[setting]
+        adapters = merged_task_adapters(library, assign, merge_config)
+    results = evaluate_adapters(
+        base, adapters, root, split, chat_template=setting == "base_chat",
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    results = {"per_task": results, "seconds": time.perf_counter() - start}
+    _write_json(path, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    from d2c_jax.merging import DEFAULT_MERGE
+    from d2c_jax.evaluate import average_metrics, relative_score
+    from d2c_jax.models import load_base
+
+    parser = argparse.ArgumentParser(prog="python -m d2c_jax.build_library", description=__doc__)
+    parser.add_argument("--out", type=Path, default=embedded_library_dir())
+    parser.add_argument("--tasks", type=Path, default=None, help="suite dir (default: built-in)")
+    parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
+    parser.add_argument("--only", nargs="+", default=None, help="train only these tasks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-eval", action="store_true", help="train only")
+    args = parser.parse_args(argv)
+
+    root = Path(args.tasks or task_suite.suite_dir())
+    config = TrainConfig(max_steps=args.max_steps, seed=args.seed)
+    base = load_base("default")
+    # Language-major order, so that a partly built library covers every problem type.
+    names = sorted(
+        task_suite.list_tasks(),
+        key=lambda n: (
+            task_suite.LANGUAGES.index(task_suite.task_meta(n)[1]),
+            task_suite.TASK_TYPES.index(task_suite.task_meta(n)[0]),
+        ),
+    )
+    names = [n for n in names if args.only is None or n in args.only]
+    data = {name: task_suite.load_split(root, name, "train") for name in names}
+    start = time.perf_counter()
+    records = train_library(base, data, args.out, config, base_model_name=base.name)
+    manifest: dict[str, Any] = {
+        "base_model": base.name,
+        "tasks_root": str(root),
+        "train_config": config.__dict__ | {"target_modules": list(config.target_modules)},
+        "training": {
+            name: {k: records[name][k] for k in ("steps", "stop_reason", "best_val_nll", "seconds")}
+            for name in names
+        },
+        "training_seconds_total": sum(r["seconds"] for r in records.values()),
+    }
+    _write_json(args.out / MANIFEST_NAME, manifest)
+    if args.skip_eval:
+        return 0
+
+    library = AdapterLibrary.load(args.out)
+    merge_config = DEFAULT_MERGE
+    cache = args.out / EVAL_DIR_NAME
+    settings = ("base_raw", "base_chat", "single", "one_merged", "by_language", "by_type")
+    scores = {
+        s: evaluate_setting(base, library, s, root, "test", cache, merge_config)["per_task"]
+        for s in settings
+    }
+    manifest["evaluation"] = {
+        "split": "test",
+        "merge": merge_config.to_dict(),
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "average": {s: average_metrics(scores[s]) for s in settings},
+        "relative_to_single": {
+            s: relative_score(scores[s], scores["single"]) for s in settings if s != "single"
+        },
+        "per_task": scores,
+    }
+    manifest["build_seconds_this_run"] = time.perf_counter() - start
+    _write_json(args.out / MANIFEST_NAME, manifest)
+    print(json.dumps(manifest["evaluation"]["average"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

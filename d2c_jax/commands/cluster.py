@@ -1,0 +1,247 @@
+"""`d2c cluster`: cluster a library into K merged adapters (random, kmeans, mbc, d2c).
+
+Output directory layout:
+  assignment.json   {task: cluster}
+  cluster_<k>/      one merged PEFT adapter per cluster
+  log.jsonl         per iteration: objective, moves, candidates scored, seconds
+  manifest.json     settings, versions, objective, storage bytes vs the library's
+  .search/          D2C's orbax checkpoints while a run is unfinished (for --resume)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+SETTINGS_NAME = "settings.json"
+# Density of the search's merge when --density is not given: the TIES paper's value.
+DEFAULT_DENSITY = 0.2
+SEARCH_DIR = ".search"
+
+
+def add_parser(subparsers) -> None:
+    from d2c_jax.merging import add_merge_arguments
+
+    parser = subparsers.add_parser(
+        "cluster",
+        help="cluster a LoRA library into K merged adapters",
+        description=(
+            "Cluster a library of LoRA adapters into K groups and merge each group into one "
+            "adapter. d2c refines an initial clustering by the dev-set loss of the merged "
+            "adapters; random, kmeans and mbc use no data. A killed d2c run continues with "
+            "--resume and reaches the same result."
+        ),
+    )
+    parser.add_argument(
+        "--base", default="default", help="'default' (embedded SmolLM2), an HF dir or a .gguf"
+    )
+    parser.add_argument(
+        "--library", type=Path, default=None, help="library dir (default: the embedded one)"
+    )
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        default=None,
+        help="examples dir with <task>/<split>.jsonl (default: the built-in task suite); "
+        "required by d2c, optional for the others (then their dev objective is reported)",
+    )
+    parser.add_argument("--split", default="dev", help="example split to use (default: dev)")
+    parser.add_argument(
+        "--budget", required=True, help="K (e.g. 5), a percentage of N (12.5%%) or bytes (4MB)"
+    )
+    parser.add_argument("--method", choices=("random", "kmeans", "mbc", "d2c"), default="d2c")
+    parser.add_argument("--init", choices=("kmeans", "random"), default="kmeans")
+    parser.add_argument("--mode", choices=("best", "sweep"), default="best")
+    parser.add_argument("--max-iters", type=int, default=50)
+    parser.add_argument(
+        "--tol", type=float, default=1e-4, help="minimum objective improvement of a move"
+    )
+    parser.add_argument(
+        "--score-deployed",
+        action="store_true",
+        help="score candidates after rank-r truncation (exact, slower)",
+    )
+    parser.add_argument(
+        "--candidates-per-call", type=int, default=8, help="memory bound of a scoring call"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--resume", action="store_true", help="continue an unfinished run")
+    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    add_merge_arguments(parser, method_flag="--merge")
+    # --seed (from the merge flags) seeds the clustering too: random and k-means++
+    # initialisations, sweep order, and DARE's masks.
+    parser.set_defaults(func=run)
+
+
+def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
+    return {
+        "base": str(args.base),
+        "library": str(args.library),
+        "examples": str(args.examples),
+        "split": args.split,
+        "budget": str(args.budget),
+        "method": args.method,
+        "init": args.init,
+        "mode": args.mode,
+        "max_iters": args.max_iters,
+        "tol": args.tol,
+        "score_deployed": args.score_deployed,
+        "seed": args.seed,
+        "merge": merge_config.to_dict(),
+    }
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> None:
+    saved = out / SEARCH_DIR / SETTINGS_NAME
+    if out.exists() and any(out.iterdir()):
+        if force:
+            shutil.rmtree(out)
+        elif resume:
+            if not saved.is_file():
+                raise ValueError(f"--resume: {out} holds no unfinished run ({saved} is missing)")
+            previous = json.loads(saved.read_text())
+            if previous != settings:
+                changed = sorted(k for k in settings if previous.get(k) != settings[k])
+                raise ValueError(f"--resume: settings differ from the saved run in {changed}")
+            return
+        else:
+            raise FileExistsError(
+                f"{out} is not empty; pass --resume to continue it or --force to replace it"
+            )
+    (out / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
+    _write_json(saved, settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from d2c_jax import cluster as clustering
+    from d2c_jax import tasks as task_suite
+    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir, save_peft_adapter
+    from d2c_jax.merging import merge, merge_config_from_args
+    from d2c_jax.models import load_base
+    from d2c_jax.scoring import read_examples
+    from kernels.merge import DARE_METHODS, MAGNITUDE_METHODS
+
+    if args.density is None and args.merge_method in MAGNITUDE_METHODS + DARE_METHODS:
+        args.density = DEFAULT_DENSITY
+    merge_config = merge_config_from_args(args)
+    library_dir = args.library or embedded_library_dir()
+    examples_dir = args.examples or task_suite.suite_dir()
+    args.library, args.examples = library_dir, examples_dir
+    settings = _settings(args, merge_config)
+    library = AdapterLibrary.load(library_dir)
+    k = clustering.resolve_budget(args.budget, library)
+    _prepare_out(args.out, settings, args.resume, args.force)
+
+    wants_objective = args.method == "d2c" or args.examples is not None
+    objective = None
+    base = None
+    if wants_objective:
+        examples = {}
+        for name in library.names:
+            path = Path(examples_dir) / name / f"{args.split}.jsonl"
+            if path.is_file():
+                examples[name] = read_examples(path)
+        base = load_base(args.base)
+        if library.base_model not in (None, base.name):
+            raise ValueError(
+                f"{library_dir}: adapters are for {library.base_model!r}, base is {base.name!r}"
+            )
+        objective = DevObjective(
+            base,
+            library,
+            examples,
+            merge_config,
+            ObjectiveConfig(
+                score_deployed=args.score_deployed, candidates_per_call=args.candidates_per_call
+            ),
+        )
+
+    start = time.perf_counter()
+    if args.method == "d2c":
+        method = clustering.D2CClustering(
+            init=args.init, mode=args.mode, max_iters=args.max_iters, tol=args.tol
+        )
+        result = method.fit(
+            library, k, args.seed, objective, checkpoint_dir=args.out / SEARCH_DIR / "ckpt"
+        )
+    else:
+        method = clustering.METHODS[args.method]()
+        result = method.fit(library, k, args.seed)
+    seconds = time.perf_counter() - start
+    dev_objective = result.objective
+    if dev_objective is None and objective is not None:
+        masks = clustering.membership_mask(result.assign, k)
+        dev_objective = float(objective.task_losses(masks).sum() / library.num_adapters)
+
+    masks = clustering.membership_mask(result.assign, k)
+    merged = merge(
+        library.params, library.scale, masks.astype("float32"), merge_config, names=library.names
+    )
+    for c in range(k):
+        members = [library.names[i] for i in range(library.num_adapters) if masks[c, i]]
+        save_peft_adapter(
+            args.out / f"cluster_{c}",
+            jax.tree.map(lambda x, c=c: x[c], merged.params),
+            rank=library.rank,
+            alpha=library.rank,
+            base_model=library.base_model,
+            extra_config={"members": members, "merge": merge_config.to_dict()},
+            overwrite=True,
+        )
+    _write_json(
+        args.out / "assignment.json",
+        {name: int(result.assign[i]) for i, name in enumerate(library.names)},
+    )
+    tmp_log = args.out / ".log.jsonl.tmp"
+    tmp_log.write_text("".join(json.dumps(entry) + "\n" for entry in result.log))
+    os.replace(tmp_log, args.out / "log.jsonl")
+    manifest = {
+        "settings": settings,
+        "k": k,
+        "num_adapters": library.num_adapters,
+        "method_settings": dataclasses.asdict(method),
+        "dev_objective": dev_objective,
+        "info": result.info,
+        "seconds": seconds,
+        "storage": {
+            "merged_bytes_bf16": k * library.adapter_bytes(),
+            "library_bytes_bf16": library.storage_bytes(),
+            "fraction": k / library.num_adapters,
+        },
+        "versions": versions(),
+    }
+    _write_json(args.out / "manifest.json", manifest)
+    shutil.rmtree(args.out / SEARCH_DIR, ignore_errors=True)
+    print(
+        f"{args.method}: K={k} of N={library.num_adapters}, dev objective "
+        f"{dev_objective if dev_objective is None else f'{dev_objective:.4f}'}, "
+        f"{seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("d2c-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out

@@ -1,0 +1,92 @@
+"""`d2c merge`: merge several PEFT LoRA adapters into one PEFT adapter directory."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from d2c_jax.merging import add_merge_arguments, merge_config_from_args
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge PEFT LoRA adapters into one (ties, linear, dare, ...)",
+        description=(
+            "Merge N PEFT LoRA adapters of one base model into a single rank-r PEFT adapter "
+            "directory that peft.PeftModel.from_pretrained loads. The output is written "
+            "atomically (into a temporary directory next to OUT, renamed on success) and "
+            "records the merge settings under 'd2c_jax' in its adapter_config.json. The merged "
+            "adapter has the inputs' rank and scale 1 (lora_alpha = r)."
+        ),
+    )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        required=True,
+        metavar="DIR",
+        help="PEFT adapter directories, or one library directory holding one adapter per "
+        "subdirectory (library order: sorted names)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="merged adapter directory to write")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the written factors (default: %(default)s)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    add_merge_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from d2c_jax.library import AdapterLibrary, atomic_directory, write_peft_files
+    from d2c_jax.merging import merge
+
+    config = merge_config_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"--out {out} already exists; pass --force to replace it")
+    start = time.perf_counter()
+    source = args.adapters[0] if len(args.adapters) == 1 else args.adapters
+    library = AdapterLibrary.load(source)
+    n = library.num_adapters
+    if config.weights is not None and len(config.weights) != n:
+        raise ValueError(f"--weights has {len(config.weights)} values for {n} adapters")
+    if config.space == "factor" and len(set(library.ranks)) > 1:
+        raise ValueError(
+            f"--space factor needs adapters of one rank (PEFT refuses otherwise), got ranks "
+            f"{dict(zip(library.names, library.ranks, strict=True))}; use --space delta"
+        )
+    merged = merge(library.params, library.scale, jnp.ones((1, n)), config, names=library.names)
+    one = {m: {f: x[0] for f, x in factors.items()} for m, factors in merged.params.items()}
+    record = {
+        "merge": config.to_dict(),
+        "sources": list(library.names),
+        "source_ranks": list(library.ranks),
+        "source_scales": [float(s) for s in library.scale],
+    }
+    with atomic_directory(out, overwrite=args.force) as tmp:
+        write_peft_files(
+            tmp,
+            one,
+            rank=library.rank,
+            alpha=library.rank,  # scale 1: the merge folds every scale into the factors
+            base_model=library.base_model,
+            dtype=getattr(jnp, args.dtype),
+            extra_config=record,
+        )
+    seconds = time.perf_counter() - start
+    density = "" if config.density is None else f", density {config.density}"
+    print(
+        f"merged {n} adapters ({', '.join(library.names)}) with {config.method} in "
+        f"{config.space} space{density}, divisor {config.divisor}, into {out} "
+        f"(rank {library.rank}, {args.dtype}) in {seconds:.1f} s"
+    )
+    return 0

@@ -1,0 +1,106 @@
+"""`d2c score`: per-example NLL of a JSONL example file under a base model (+ adapter)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16")
+
+
+def add_base_arguments(parser: argparse.ArgumentParser) -> None:
+    """--base, --adapter and --dtype, shared by `d2c score` and `d2c generate`."""
+    parser.add_argument(
+        "--base",
+        default="default",
+        metavar="{default|HF_DIR|FILE.gguf}",
+        help="base model: 'default' (the embedded SmolLM2-135M-Instruct), a Hugging Face "
+        "model directory or a GGUF file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--adapter", metavar="PEFT_DIR", help="a PEFT LoRA adapter directory for this base model"
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)"
+    )
+
+
+def load_base_and_adapter(args: argparse.Namespace):
+    """(base, adapter params or None, scale) from --base / --adapter / --dtype."""
+    import jax.numpy as jnp
+
+    from d2c_jax.models import load_base
+    from d2c_jax.scoring import check_adapter_for_base
+
+    base = load_base(args.base, dtype=jnp.dtype(args.dtype))
+    if not args.adapter:
+        return base, None, 1.0
+    from d2c_jax.library import AdapterLibrary
+
+    path = Path(args.adapter)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} not found")
+    library = AdapterLibrary.load([path])
+    check_adapter_for_base(base, library)
+    params, scale = library.adapter(0)
+    return base, params, scale
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "score",
+        help="per-example NLL of prompt/target examples under a base model (+ adapter)",
+        description=(
+            "Score a JSONL file of {\"prompt\": ..., \"target\": ...} examples: each example's "
+            "loss is the mean negative log-likelihood of its target tokens and the eos token "
+            "(prompt tokenized with the tokenizer's special tokens, target without). Prints "
+            "(or writes with --out) {\"per_example_nll\": [...], \"mean_nll\": x}, where "
+            "mean_nll is the unweighted mean over examples."
+        ),
+    )
+    add_base_arguments(parser)
+    parser.add_argument("--examples", type=Path, required=True, metavar="FILE.jsonl")
+    parser.add_argument("--out", type=Path, metavar="FILE.json", help="write the JSON here")
+    parser.add_argument(
+        "--batch-size", type=int, default=16,
+        help="examples per forward pass (default: %(default)s)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from d2c_jax.scoring import encode_examples, read_examples, score_examples
+
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    start = time.perf_counter()
+    examples = read_examples(args.examples)
+    base, adapter, scale = load_base_and_adapter(args)
+    encoded = encode_examples(base, examples)
+    nll = score_examples(base, adapter, encoded, scale=scale, batch_size=args.batch_size)
+    result = {
+        "per_example_nll": [float(x) for x in nll],
+        "mean_nll": float(np.mean(nll)),
+        "num_examples": len(examples),
+        "num_label_tokens": int(encoded.num_labels.sum()),
+        "base": base.name,
+        "adapter": str(args.adapter) if args.adapter else None,
+        "dtype": args.dtype,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(args.out)
+        print(f"mean_nll {result['mean_nll']:.4f} over {len(examples)} examples -> {args.out}",
+              file=sys.stderr)
+    else:
+        print(text)
+    return 0

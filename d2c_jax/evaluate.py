@@ -1,0 +1,230 @@
+"""Held-out generation metrics: exact match, chrF, a per-task score and the relative score.
+
+Conventions (every number the engine reports about generated answers uses them):
+
+* **Normalisation** (``normalize``): a generated answer is cut to its *first
+  non-empty line*, with surrounding whitespace stripped. The base model often
+  opens an answer with blank lines, and an adapter that has learned a task
+  answers on one line and may ramble after it; the suite's targets are all one
+  line. References go through the same function (a no-op for the suite's
+  targets). Nothing else is changed: case, punctuation and inner spaces count.
+* **Exact match**: fraction in [0, 1] of examples whose normalised prediction
+  equals the normalised reference.
+* **chrF**: sacrebleu's corpus-level chrF (``sacrebleu.metrics.CHRF()`` defaults:
+  character n-grams up to 6, no word n-grams, beta 2) over the normalised
+  predictions of a task, on sacrebleu's 0-100 scale.
+* **Score** (per task): ``(100 * exact_match + chrF) / 2``, on 0-100. Exact
+  match is what the tasks ask for (deterministic answers); chrF gives partial
+  credit (a number word off by its last digit, a missing diacritic) so that
+  scores separate adapters that are all below full exact match.
+* **Averages** are macro averages over tasks (every task weighs the same).
+* **Relative score** (the paper's sibling work): per task, the merged adapter's
+  score divided by the single (unmerged) adapter's score on that task, averaged
+  over tasks. Tasks whose single-adapter score is 0 are left out (the ratio is
+  undefined) and reported in ``relative_score_details``.
+
+``evaluate_task(generate_fn, examples, batch_size)`` runs any
+``generate_fn(prompts: list[str]) -> list[str]`` (e.g. a closure over
+``d2c_jax.scoring.generate``) over a task's examples and returns its metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+__all__ = [
+    "METRICS",
+    "average_metrics",
+    "chrf",
+    "evaluate_task",
+    "exact_match",
+    "normalize",
+    "relative_score",
+    "relative_score_details",
+    "task_metrics",
+    "task_score",
+]
+
+METRICS: tuple[str, ...] = ("exact_match", "chrf", "score")
+
+
+def normalize(text: str) -> str:
+    """The first non-empty line of ``text``, stripped; ``""`` if there is none."""
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return ""
+
+
+def _check_lengths(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        raise ValueError("no examples to score")
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction in [0, 1] of normalised predictions equal to their normalised references."""
+    _check_lengths(predictions, references)
+    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True))
+    return hits / len(references)
+
+
+def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """sacrebleu corpus chrF (0-100) of the normalised predictions against one reference each."""
+    from sacrebleu.metrics import CHRF
+
+    _check_lengths(predictions, references)
+    hyps = [normalize(p) for p in predictions]
+    refs = [normalize(r) for r in references]
+    return float(CHRF().corpus_score(hyps, [refs]).score)
+
+
+def task_score(exact_match_value: float, chrf_value: float) -> float:
+    """Per-task score on 0-100: ``(100 * exact_match + chrF) / 2``."""
+    return (100.0 * exact_match_value + chrf_value) / 2.0
+
+
+def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """``{"n", "exact_match", "chrf", "score"}`` for one task's predictions."""
+    em = exact_match(predictions, references)
+    c = chrf(predictions, references)
+    return {"n": len(references), "exact_match": em, "chrf": c, "score": task_score(em, c)}
+
+
+def average_metrics(per_task: Mapping[str, Mapping[str, float]],
+                    metrics: Sequence[str] = METRICS) -> dict:
+    """Macro average over tasks of each metric: ``{metric: mean, ..., "n_tasks": T}``."""
+    if not per_task:
+        raise ValueError("no tasks to average")
+    out = {m: sum(float(v[m]) for v in per_task.values()) / len(per_task) for m in metrics}
+    out["n_tasks"] = len(per_task)
+    return out
+
+
+def relative_score_details(merged: Mapping[str, Mapping[str, float]],
+                           single: Mapping[str, Mapping[str, float]],
+                           metric: str = "score") -> dict:
+    """Per-task ratios ``merged[t][metric] / single[t][metric]`` and their mean.
+
+    Returns ``{"relative_score": mean, "per_task": {task: ratio}, "excluded": [tasks]}``;
+    a task is excluded when its single-adapter value is 0. Every task of ``single``
+    must be in ``merged``.
+    """
+    missing = sorted(set(single) - set(merged))
+    if missing:
+        raise KeyError(f"merged results lack tasks {missing}")
+    per_task, excluded = {}, []
+    for task, s in single.items():
+        denom = float(s[metric])
+        if denom == 0.0:
+            excluded.append(task)
+            continue
+        per_task[task] = float(merged[task][metric]) / denom
+    mean = sum(per_task.values()) / len(per_task) if per_task else math.nan
+    return {"relative_score": mean, "per_task": per_task, "excluded": excluded}
+
+
+def relative_score(merged: Mapping[str, Mapping[str, float]],
+                   single: Mapping[str, Mapping[str, float]],
+                   metric: str = "score") -> float:
+    """Mean over tasks of merged / single-adapter ``metric`` (1.0 = no loss from merging)."""
+    return relative_score_details(merged, single, metric)["relative_score"]
+
+
+def evaluate_task(generate_fn: Callable[[list[str]], list[str]],
+                  examples: Sequence[Mapping[str, str]],
+                  batch_size: int = 16,
+                  return_predictions: bool = False) -> dict:
+    """Generate answers for ``examples`` (``{"prompt", "target"}``) in batches and score them.
+
+    ``generate_fn`` gets lists of at most ``batch_size`` prompts and must return one
+    string per prompt (raw text; normalisation happens here). Returns
+    ``task_metrics``'s dict, plus ``"predictions"`` (normalised) when asked.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    prompts = [e["prompt"] for e in examples]
+    references = [e["target"] for e in examples]
+    raw: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        answers = list(generate_fn(batch))
+        if len(answers) != len(batch):
+            raise ValueError(
+                f"generate_fn returned {len(answers)} answers for {len(batch)} prompts")
+        raw.extend(answers)
+    out = task_metrics(raw, references)
+    if return_predictions:
+        out["predictions"] = [normalize(p) for p in raw]
+    return out
+
+
+# ------------------------------------------------------------------ evaluation harness
+
+
+def merged_task_adapters(library, assign, merge_config) -> dict[str, tuple[dict, float]]:
+    """Each task's adapter under a clustering: its cluster's merged rank-r adapter.
+
+    Args:
+      library: `AdapterLibrary` of N adapters.
+      assign: ``[N]`` cluster of each adapter.
+      merge_config: `kernels.merge.MergeConfig` (the same as the clustering used).
+    Returns ``{task: (params {module: {"A": [L, r, d_in], "B": [L, d_out, r]}}, scale)}``.
+    """
+    import jax
+    import numpy as np
+
+    from d2c_jax.merging import merge
+
+    assign = np.asarray(assign)
+    k = int(assign.max()) + 1
+    masks = (assign[None, :] == np.arange(k)[:, None]).astype(np.float32)
+    merged = merge(library.params, library.scale, masks, merge_config, names=library.names)
+    per_cluster = [
+        (jax.tree.map(lambda x, c=c: x[c], merged.params), float(merged.scale[c])) for c in range(k)
+    ]
+    return {name: per_cluster[assign[i]] for i, name in enumerate(library.names)}
+
+
+def evaluate_adapters(
+    base,
+    adapters: Mapping[str, object],
+    root,
+    split: str = "test",
+    *,
+    chat_template: bool = False,
+    max_new_tokens: int = 32,
+    batch_size: int = 50,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Greedy-generation metrics of each task under its adapter, on a held-out split.
+
+    Args:
+      base: `BaseModel`.
+      adapters: ``{task: None | (params, scale)}``; None evaluates the base model.
+      root: task-suite directory (``<root>/<task>/<split>.jsonl``; None: built-in).
+      split: the split to evaluate (``test``; evaluation never reads ``dev``).
+      chat_template: wrap prompts as a chat turn (how one asks the base instruct
+        model); adapters are trained on raw prompts, so they are evaluated raw.
+      limit: evaluate only the first `limit` examples of each task.
+    Returns ``{task: task_metrics}``.
+    """
+    from tqdm.auto import tqdm
+
+    from d2c_jax.scoring import generate
+    from d2c_jax.tasks import load_split
+
+    results = {}
+    for task in tqdm(list(adapters), desc=f"evaluate ({split})", disable=not progress):
+        examples = load_split(root, task, split)[:limit]
+        adapter = adapters[task]
+        generate_fn = lambda prompts, adapter=adapter: generate(
+            base, adapter, prompts, max_new_tokens=max_new_tokens,
+            chat_template=chat_template, batch_size=batch_size,
+        )
+        results[task] = evaluate_task(generate_fn, examples, batch_size=batch_size)
+    return results

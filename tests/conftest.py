@@ -1,0 +1,179 @@
+"""Shared test fixtures: tiny random models and a tokenizer that need no network.
+
+Fixtures (use them in any test module, no import needed):
+
+* ``tiny_tokenizer`` (session): a byte-level BPE fast tokenizer with 259 tokens:
+  ``<|endoftext|>`` (0, document start, prepended by ``add_special_tokens=True``),
+  ``<|im_start|>`` (1), ``<|im_end|>`` (2, eos and pad), then the 256 byte symbols;
+  no merges, so every UTF-8 byte is one token. It carries SmolLM2's chat template.
+* ``tiny_config`` (session): a 2-layer Llama `LlamaConfig` (hidden 64, 4 heads / 2 KV
+  heads of dim 16, FFN 128, vocab 259, context 256, tied embeddings).
+* ``tiny_base`` (session): a `BaseModel` with random weights (std 0.1, so logits are
+  far from uniform) and ``tiny_tokenizer``; ``name="tiny-llama"``.
+* ``make_tiny_base``: factory ``make_tiny_base(config=None, seed=0, std=0.1,
+  name="tiny-llama") -> BaseModel``.
+* ``make_lora``: factory ``make_lora(config, modules=("q_proj", "v_proj"), rank=4,
+  n=None, seed=0, std=0.1) -> {module: {"A", "B"}}`` (NumPy float32; single adapter
+  ``[L, ...]`` or stacked ``[n, L, ...]``); B is non-zero so the adapter changes
+  the outputs.
+* ``tiny_examples``: 12 prompt/target dicts over 3 tasks (``"task"`` key).
+* ``tiny_hf_dir`` (session): the ``tiny_base`` written as a Hugging Face directory
+  (``config.json``, ``model.safetensors``, ``tokenizer.json``), loadable by
+  ``load_base(str(path))`` and by transformers.
+* ``real_base`` (session, mark the test ``@pytest.mark.slow``): the embedded
+  SmolLM2-135M-Instruct via ``load_base("default")``.
+
+* ``make_tiny_config``: factory ``make_tiny_config(**overrides) -> LlamaConfig`` (e.g.
+  ``model_type="qwen2", attention_bias=True, tie_word_embeddings=False``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def build_tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from d2c_jax.models import ensure_document_start
+
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)}
+    for ch in sorted(bytes_to_unicode().values()):
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TINY_SPECIALS)})
+    return ensure_document_start(tokenizer)
+
+
+def tiny_llama_config(**overrides):
+    from d2c_jax.models import LlamaConfig
+
+    fields = dict(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_tiny_base(tokenizer, config=None, seed=0, std=0.1, name="tiny-llama", dtype=None):
+    import jax.numpy as jnp
+
+    from d2c_jax.models import BaseModel, LlamaForCausalLM, init_weights
+
+    config = config or tiny_llama_config()
+    weights = init_weights(config, seed=seed, std=std)
+    model = LlamaForCausalLM(config, weights, dtype=dtype or jnp.float32)
+    return BaseModel(model, tokenizer, name=name, source="tiny")
+
+
+def random_lora(config, modules=("q_proj", "v_proj"), rank=4, n=None, seed=0, std=0.1):
+    rng = np.random.default_rng(seed)
+    lead = () if n is None else (n,)
+    out = {}
+    for m in modules:
+        d_out, d_in = config.module_shape(m)
+        a = std * rng.standard_normal((*lead, config.num_layers, rank, d_in))
+        b = std * rng.standard_normal((*lead, config.num_layers, d_out, rank))
+        out[m] = {"A": a.astype(np.float32), "B": b.astype(np.float32)}
+    return out
+
+
+TINY_TASKS = {
+    "upper": [("shout: cat", "CAT"), ("shout: dog", "DOG"), ("shout: sun", "SUN"),
+              ("shout: sky", "SKY")],
+    "reverse": [("reverse: abc", "cba"), ("reverse: hello", "olleh"), ("reverse: jax", "xaj"),
+                ("reverse: tree", "eert")],
+    "count": [("count: a b c", "3"), ("count: x y", "2"), ("count: p q r s", "4"),
+              ("count: z", "1")],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return tiny_llama_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_tokenizer, tiny_config):
+    return build_tiny_base(tiny_tokenizer, tiny_config)
+
+
+@pytest.fixture
+def make_tiny_base(tiny_tokenizer):
+    def make(config=None, seed=0, std=0.1, name="tiny-llama", dtype=None):
+        return build_tiny_base(tiny_tokenizer, config, seed=seed, std=std, name=name, dtype=dtype)
+
+    return make
+
+
+@pytest.fixture
+def make_tiny_config():
+    return tiny_llama_config
+
+
+@pytest.fixture
+def make_lora():
+    return random_lora
+
+
+@pytest.fixture
+def tiny_examples():
+    return [
+        {"prompt": p, "target": t, "task": task}
+        for task, pairs in TINY_TASKS.items()
+        for p, t in pairs
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_base):
+    from d2c_jax.models.hf import save_hf_weights
+
+    path = tmp_path_factory.mktemp("tiny_hf")
+    weights = {k: np.asarray(v) for k, v in tiny_base.model.weights().items() if k != "layers"}
+    weights["layers"] = {k: np.asarray(v) for k, v in tiny_base.model.weights()["layers"].items()}
+    save_hf_weights(path, tiny_base.config, weights, extra_config={"_name_or_path": "tiny-llama"})
+    tiny_base.tokenizer.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_base():
+    from d2c_jax.models import load_base
+
+    return load_base("default")

@@ -1,0 +1,140 @@
+"""`d2c cluster` end to end on a tiny model: outputs, budgets, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d2c_jax.cli import main
+from d2c_jax.library import AdapterLibrary, save_peft_adapter
+from tests.conftest import random_lora
+
+NUM_TASKS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, tiny_hf_dir, tiny_config):
+    """A tiny base on disk, a library of 12 PEFT adapters and dev examples per task."""
+    root = tmp_path_factory.mktemp("cluster_cli")
+    params = random_lora(tiny_config, n=NUM_TASKS, seed=7, std=0.3)
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "sun", "sky", "tree", "lora", "jax", "merge"]
+    for i in range(NUM_TASKS):
+        name = f"task{i:02d}"
+        save_peft_adapter(
+            root / "library" / name,
+            {m: {f: jnp.asarray(x[i]) for f, x in fs.items()} for m, fs in params.items()},
+            rank=4, alpha=8, base_model="tiny-llama", dtype=jnp.float32,
+        )
+        (root / "examples" / name).mkdir(parents=True)
+        lines = [
+            json.dumps({"prompt": f"{name} {rng.choice(words)}", "target": str(rng.choice(words))})
+            for _ in range(3)
+        ]
+        (root / "examples" / name / "dev.jsonl").write_text("\n".join(lines) + "\n")
+    return root, tiny_hf_dir
+
+
+def cluster_args(root, hf_dir, out, *extra):
+    return [
+        "cluster", "--base", str(hf_dir), "--library", str(root / "library"),
+        "--examples", str(root / "examples"), "--budget", "25%", "--init", "random",
+        "--merge", "ties", "--density", "0.5", "--seed", "3", "--out", str(out), *extra,
+    ]
+
+
+def test_cluster_writes_assignment_adapters_log_and_manifest(tiny_setup, tmp_path):
+    root, hf_dir = tiny_setup
+    out = tmp_path / "out"
+    assert main(cluster_args(root, hf_dir, out, "--method", "d2c")) == 0
+    assignment = json.loads((out / "assignment.json").read_text())
+    assert sorted(assignment) == [f"task{i:02d}" for i in range(NUM_TASKS)]
+    assert set(assignment.values()) == {0, 1, 2}
+    merged = AdapterLibrary.load([out / f"cluster_{k}" for k in range(3)])
+    assert merged.rank == 4
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    objectives = [entry["objective"] for entry in log]
+    assert all(b <= a for a, b in zip(objectives, objectives[1:], strict=False))
+    assert all({"objective", "moves", "candidates_scored", "seconds"} <= set(e) for e in log)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["k"] == 3 and manifest["dev_objective"] == pytest.approx(objectives[-1])
+    assert manifest["storage"]["merged_bytes_bf16"] * 4 == manifest["storage"]["library_bytes_bf16"]
+    assert manifest["settings"]["merge"]["method"] == "ties"
+    assert not (out / ".search").exists()
+
+
+@pytest.mark.parametrize("method", ["random", "kmeans", "mbc"])
+def test_data_free_methods_report_their_dev_objective(tiny_setup, tmp_path, method):
+    root, hf_dir = tiny_setup
+    out = tmp_path / method
+    assert main(cluster_args(root, hf_dir, out, "--method", method)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dev_objective"] > 0
+
+
+@pytest.mark.parametrize(
+    "budget, message",
+    [("13", "exceeds the library's N=12"), ("0", "at least 1"), ("1%", "rounds to K=0")],
+)
+def test_bad_budgets_are_clear_errors(tiny_setup, tmp_path, capsys, budget, message):
+    root, hf_dir = tiny_setup
+    args = cluster_args(root, hf_dir, tmp_path / "out", "--method", "random")
+    args[args.index("25%")] = budget
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_and_checks_resume_settings(tiny_setup, tmp_path, capsys):
+    root, hf_dir = tiny_setup
+    out = tmp_path / "out"
+    assert main(cluster_args(root, hf_dir, out, "--method", "random")) == 0
+    assert main(cluster_args(root, hf_dir, out, "--method", "random")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(cluster_args(root, hf_dir, out, "--method", "random", "--resume")) == 2
+    assert "no unfinished run" in capsys.readouterr().err
+
+
+def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
+    root, hf_dir = tiny_setup
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "d2c_jax.cli"]
+    full = tmp_path / "full"
+    subprocess.run(
+        [*command, *cluster_args(root, hf_dir, full, "--method", "d2c")],
+        check=True, env=env, capture_output=True,
+    )
+    log = (full / "log.jsonl").read_text().splitlines()
+    assert len(log) >= 3, "the search must run several iterations for the kill to land mid-way"
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    checkpoints = killed / ".search" / "ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [p for p in checkpoints.glob("[0-9]*") if p.name.isdigit()]
+        if any(int(p.name) >= 1 for p in steps):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "assignment.json").exists(), "the run finished before it was killed"
+
+    subprocess.run(
+        [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c", "--resume")],
+        check=True, env=env, capture_output=True,
+    )
+    assert (killed / "assignment.json").read_text() == (full / "assignment.json").read_text()
+    resumed_log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(line) for line in log]
+    assert [e["objective"] for e in resumed_log] == [e["objective"] for e in full_log]

@@ -1,0 +1,360 @@
+"""kernels.merge against PEFT's add_weighted_adapter on real (tiny) PEFT LoRA adapters.
+
+A tiny random LlamaForCausalLM gets four random LoRA adapters (different
+lora_alpha, so different scales); every merge is compared with what PEFT writes
+into lora_A / lora_B of the merged adapter, for several clusters at once
+(membership mask) against one PEFT call per cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils import merge_utils
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from d2c_jax.merging import adapter_keys
+from kernels import merge as km
+from kernels.lowrank import factors_to_delta
+from kernels.merge import MergeConfig
+
+TINY = dict(
+    vocab_size=32,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+TARGETS = ("q_proj", "v_proj")
+RANK = 4
+ALPHAS = (8, 4, 16, 2)
+NAMES = tuple(f"task{i}" for i in range(len(ALPHAS)))
+CLUSTERS = ((0, 1, 2), (1, 3), (0, 1, 2, 3))  # several clusters of different sizes
+WEIGHTS = (1.0, 0.5, 2.0, 0.8)
+SIGNED_WEIGHTS = (0.6, -0.3, 1.1, 0.4)
+
+
+def _lora_layer(model, layer: int, module: str):
+    return getattr(model.base_model.model.model.layers[layer].self_attn, module)
+
+
+@pytest.fixture(scope="module")
+def peft_library():
+    """(peft model with adapters NAMES, params {m: {"A", "B"}} [N, ...] numpy, scale [N])."""
+    torch.manual_seed(0)
+    model = None
+    for i, name in enumerate(NAMES):
+        config = LoraConfig(
+            r=RANK, lora_alpha=ALPHAS[i], target_modules=list(TARGETS), init_lora_weights=False
+        )
+        torch.manual_seed(100 + i)
+        if model is None:
+            model = get_peft_model(LlamaForCausalLM(LlamaConfig(**TINY)), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    layers = range(TINY["num_hidden_layers"])
+    params = {
+        m: {
+            side: np.stack(
+                [
+                    np.stack(
+                        [
+                            getattr(_lora_layer(model, layer, m), f"lora_{side}")[name]
+                            .weight.detach()
+                            .numpy()
+                            for layer in layers
+                        ]
+                    )
+                    for name in NAMES
+                ]
+            )
+            for side in "AB"
+        }
+        for m in TARGETS
+    }
+    scale = np.array([_lora_layer(model, 0, "q_proj").scaling[name] for name in NAMES], np.float32)
+    return model, params, scale
+
+
+_counter = itertools.count()
+
+
+def _peft_merge(model, members, weights, combination_type, density=None, majority="total"):
+    """PEFT's merged factors {m: {"A": [L, r, d_in], "B": [L, d_out, r]}} and scaling."""
+    name = f"merged{next(_counter)}"
+    model.add_weighted_adapter(
+        adapters=[NAMES[i] for i in members],
+        weights=[weights[i] for i in members],
+        adapter_name=name,
+        combination_type=combination_type,
+        density=density,
+        majority_sign_method=majority,
+    )
+    layers = range(TINY["num_hidden_layers"])
+    out = {
+        m: {
+            side: np.stack(
+                [
+                    getattr(_lora_layer(model, layer, m), f"lora_{side}")[name]
+                    .weight.detach()
+                    .numpy()
+                    for layer in layers
+                ]
+            )
+            for side in "AB"
+        }
+        for m in TARGETS
+    }
+    scaling = _lora_layer(model, 0, "q_proj").scaling[name]
+    model.delete_adapter(name)
+    return out, scaling
+
+
+def _membership():
+    mask = np.zeros((len(CLUSTERS), len(NAMES)), np.float32)
+    for c, members in enumerate(CLUSTERS):
+        mask[c, list(members)] = 1
+    return jnp.asarray(mask)
+
+
+def _ours_factor(params, scale, config, weights):
+    keys = adapter_keys(NAMES, config.seed)
+    return km.merge_factors(
+        jax.tree.map(jnp.asarray, params),
+        jnp.asarray(scale),
+        _membership(),
+        jnp.asarray(weights, jnp.float32),
+        config,
+        keys,
+    )
+
+
+FACTOR_CASES = [
+    # (our config, PEFT combination_type, weights, how PEFT gets the weights)
+    (MergeConfig("ties", space="factor", density=0.5), "ties", WEIGHTS),
+    (MergeConfig("ties", space="factor", density=0.3, majority="frequency"), "ties", WEIGHTS),
+    (MergeConfig("ties", space="factor", density=0.6), "ties", SIGNED_WEIGHTS),
+    (MergeConfig("task_arithmetic", space="factor"), "linear", SIGNED_WEIGHTS),
+    (MergeConfig("magnitude_prune", space="factor", density=0.4), "magnitude_prune", WEIGHTS),
+]
+
+
+@pytest.mark.parametrize(("config", "combination", "weights"), FACTOR_CASES)
+def test_factor_space_equals_peft(peft_library, config, combination, weights):
+    model, params, scale = peft_library
+    ours = _ours_factor(params, scale, config, weights)
+    for c, members in enumerate(CLUSTERS):
+        ref, scaling = _peft_merge(
+            model, members, weights, combination, config.density, config.majority
+        )
+        assert scaling == 1.0  # PEFT writes lora_alpha = r; ours has scale 1 too
+        for m in TARGETS:
+            for side in "AB":
+                np.testing.assert_allclose(
+                    ours[m][side][c],
+                    ref[m][side],
+                    rtol=1e-5,
+                    atol=1e-6,
+                    err_msg=f"{m} {side} c={c}",
+                )
+
+
+def test_factor_linear_is_peft_linear_with_weights_normalised_per_cluster(peft_library):
+    model, params, scale = peft_library
+    config = MergeConfig("linear", space="factor")
+    assert config.divisor == "weight"
+    ours = _ours_factor(params, scale, config, WEIGHTS)
+    for c, members in enumerate(CLUSTERS):
+        total = sum(WEIGHTS[i] for i in members)
+        normalised = [w / total for w in WEIGHTS]
+        ref, _ = _peft_merge(model, members, normalised, "linear")
+        for m in TARGETS:
+            for side in "AB":
+                np.testing.assert_allclose(ours[m][side][c], ref[m][side], rtol=1e-5, atol=1e-6)
+
+
+def _patch_peft_dare(monkeypatch, model, masks):
+    """Make PEFT's random_pruning use our masks, found by the pruned tensor's storage."""
+    by_pointer = {}
+    for m in TARGETS:
+        for side in "AB":
+            for n, name in enumerate(NAMES):
+                for layer in range(TINY["num_hidden_layers"]):
+                    weight = getattr(_lora_layer(model, layer, m), f"lora_{side}")[name].weight
+                    by_pointer[weight.data_ptr()] = np.asarray(masks[m][side][n, layer])
+    calls = []
+
+    def random_pruning(tensor, density, rescale):
+        mask = torch.from_numpy(by_pointer[tensor.data_ptr()].astype(np.float32))
+        calls.append(tensor.data_ptr())
+        pruned = tensor * mask
+        return pruned / density if rescale else pruned
+
+    monkeypatch.setattr(merge_utils, "random_pruning", random_pruning)
+    return calls
+
+
+@pytest.mark.parametrize("combination", ["dare_ties", "dare_linear"])
+def test_factor_dare_equals_peft_given_the_same_masks(peft_library, monkeypatch, combination):
+    model, params, scale = peft_library
+    config = MergeConfig(combination, space="factor", density=0.6, seed=3)
+    ours = _ours_factor(params, scale, config, WEIGHTS)
+    masks = km.dare_masks(
+        adapter_keys(NAMES, config.seed), jax.tree.map(jnp.asarray, params), config.density
+    )
+    calls = _patch_peft_dare(monkeypatch, model, masks)
+    for c, members in enumerate(CLUSTERS):
+        ref, _ = _peft_merge(model, members, WEIGHTS, combination, config.density)
+        for m in TARGETS:
+            for side in "AB":
+                np.testing.assert_allclose(ours[m][side][c], ref[m][side], rtol=1e-5, atol=1e-6)
+    assert (
+        len(calls) == sum(len(c) for c in CLUSTERS) * len(TARGETS) * 2 * TINY["num_hidden_layers"]
+    )
+
+
+def test_dare_mask_statistics():
+    keys = adapter_keys(["a", "b", "c"], seed=0)
+    tree = {"q": jnp.ones((3, 4, 64, 64)), "v": jnp.ones((3, 4, 16, 64))}
+    masks = km.dare_masks(keys, tree, 0.3)
+    kept = np.concatenate([np.asarray(masks[m]).reshape(3, -1) for m in tree], axis=1)
+    # 20480 Bernoulli(0.3) draws per adapter: mean within 5 standard errors of 0.3
+    assert np.all(np.abs(kept.mean(axis=1) - 0.3) < 5 * np.sqrt(0.3 * 0.7 / kept.shape[1]))
+    assert not np.array_equal(kept[0], kept[1])  # adapters draw independently
+    again = km.dare_masks(keys, tree, 0.3)
+    assert all(np.array_equal(masks[m], again[m]) for m in tree)  # same keys, same masks
+    other = km.dare_masks(adapter_keys(["a", "b", "c"], seed=1), tree, 0.3)
+    assert not np.array_equal(masks["q"], other["q"])
+    # kept entries are rescaled by 1 / density, dropped ones are zero
+    config = MergeConfig("dare_linear", density=0.3)
+    prepared = km.prepare_deltas(tree, config, keys)
+    np.testing.assert_allclose(prepared["q"], np.where(masks["q"], 1 / 0.3, 0), rtol=1e-6)
+
+
+SVD_CASES = [
+    (MergeConfig("ties", density=0.5), "ties_svd", WEIGHTS),
+    (MergeConfig("task_arithmetic"), "svd", SIGNED_WEIGHTS),
+    (MergeConfig("magnitude_prune", density=0.3), "magnitude_prune_svd", WEIGHTS),
+]
+
+
+@pytest.mark.parametrize(("config", "combination", "weights"), SVD_CASES)
+def test_delta_space_equals_peft_svd_variants(peft_library, config, combination, weights):
+    """Delta space with per-tensor trim is PEFT's *_svd; compare B @ A (SVD signs are free)."""
+    from kernels.lowrank import delta_to_factors
+
+    model, params, scale = peft_library
+    deltas = {
+        m: factors_to_delta(jnp.asarray(f["A"]), jnp.asarray(f["B"]), jnp.asarray(scale))
+        for m, f in params.items()
+    }
+    merged = km.merge_deltas(deltas, _membership(), jnp.asarray(weights), config)
+    for c, members in enumerate(CLUSTERS):
+        ref, scaling = _peft_merge(model, members, weights, combination, config.density)
+        for m in TARGETS:
+            a, b = delta_to_factors(merged[m][c], RANK)
+            np.testing.assert_allclose(
+                b @ a, scaling * ref[m]["B"] @ ref[m]["A"], rtol=1e-4, atol=1e-5
+            )
+
+
+# ------------------------------------------------------------------ kernel-level checks
+
+
+def test_trim_keeps_exactly_k_per_tensor_and_globally():
+    rng = np.random.default_rng(0)
+    tree = {
+        "q": jnp.asarray(rng.standard_normal((3, 2, 8, 10)), jnp.float32),
+        "v": jnp.asarray(rng.standard_normal((3, 2, 4, 10)), jnp.float32),
+    }
+    per_tensor = km.trim_masks(tree, 0.25, "per-tensor")
+    assert np.all(np.asarray(per_tensor["q"]).sum(axis=(2, 3)) == 20)
+    assert np.all(np.asarray(per_tensor["v"]).sum(axis=(2, 3)) == 10)
+    for n in range(3):  # the kept ones are the largest
+        for layer in range(2):
+            x = np.abs(np.asarray(tree["q"][n, layer]))
+            kept = np.asarray(per_tensor["q"][n, layer])
+            assert x[kept].min() > x[~kept].max()
+    global_ = km.trim_masks(tree, 0.25, "global")
+    total = sum(np.asarray(global_[m]).reshape(3, -1).sum(axis=1) for m in tree)
+    assert np.all(total == int(0.25 * (160 + 80)))
+    assert np.all(np.asarray(km.trim_masks(tree, 0.0, "global")["q"]) == 0)
+    assert np.all(np.asarray(km.trim_masks(tree, 1.0, "per-tensor")["v"]) == 1)
+
+
+def test_membership_changes_do_not_retrace_and_vmap_over_candidates():
+    rng = np.random.default_rng(0)
+    deltas = {"q": jnp.asarray(rng.standard_normal((5, 2, 6, 7)), jnp.float32)}
+    config = MergeConfig("ties", density=0.4)
+    prepared = km.prepare_deltas(deltas, config)
+    weights = jnp.ones(5)
+    traces = []
+
+    @jax.jit
+    def combine(membership):
+        traces.append(1)
+        return km.combine_deltas(prepared, membership, weights, config)
+
+    a = combine(jnp.asarray([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], jnp.float32))
+    b = combine(jnp.asarray([[1, 0, 0, 0, 1], [0, 1, 1, 1, 0]], jnp.float32))
+    assert len(traces) == 1
+    stacked = jax.vmap(combine)(
+        jnp.asarray(
+            [[[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], [[1, 0, 0, 0, 1], [0, 1, 1, 1, 0]]], jnp.float32
+        )
+    )
+    np.testing.assert_allclose(stacked["q"][0], a["q"], rtol=1e-6)
+    np.testing.assert_allclose(stacked["q"][1], b["q"], rtol=1e-6)
+
+
+def test_weighted_sign_vote_differs_from_unweighted_with_negative_weights():
+    x = jnp.asarray([[[[1.0]]], [[[0.4]]]])  # two adapters, one entry
+    weights = jnp.asarray([1.0, -3.0])
+    membership = jnp.ones((1, 2))
+    unweighted = km.merge_deltas({"q": x}, membership, weights, MergeConfig("ties", density=1.0))
+    weighted = km.merge_deltas(
+        {"q": x}, membership, weights, MergeConfig("ties", density=1.0, sign_vote="weighted")
+    )
+    # unweighted: both positive, elect +, mean of (1, -1.2) = -0.1
+    np.testing.assert_allclose(unweighted["q"].ravel(), [-0.1], rtol=1e-6)
+    # weighted: values (1, -1.2) sum negative, elect -, only the second agrees
+    np.testing.assert_allclose(weighted["q"].ravel(), [-1.2], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(method="ties"), "density is required"),
+        (dict(method="linear", density=0.5), "does not apply"),
+        (dict(method="dare_ties", density=0.0), r"\(0, 1\]"),
+        (dict(method="ties", density=1.5), r"\[0, 1\]"),
+        (dict(method="merge"), "method must be one of"),
+        (dict(method="ties", density=0.5, trim="layer"), "trim must be one of"),
+        (dict(method="linear", weights=(1.0, -1.0)), "positive weights"),
+        (dict(method="ties", density=0.5, space="factor", divisor="weight"), "delta space only"),
+        (dict(method="linear", lam=float("nan")), "finite"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MergeConfig(**kwargs)
+
+
+def test_kernel_shape_errors():
+    deltas = {"q": jnp.zeros((3, 2, 4, 4))}
+    config = MergeConfig("linear")
+    with pytest.raises(ValueError, match="membership must be"):
+        km.merge_deltas(deltas, jnp.ones((2, 4)), jnp.ones(3), config)
+    with pytest.raises(ValueError, match="weights must have shape"):
+        km.merge_deltas(deltas, jnp.ones((2, 3)), jnp.ones(4), config)
+    with pytest.raises(ValueError, match="PRNG keys"):
+        km.merge_deltas(
+            deltas, jnp.ones((2, 3)), jnp.ones(3), MergeConfig("dare_linear", density=0.5)
+        )

@@ -1,0 +1,340 @@
+"""d2c_jax.merging: delta-space TIES against a plain NumPy reference, and merge properties.
+
+The reference below is the TIES algorithm written out entry by entry on dense
+deltas in float64 (trim by sorting, elect, disjoint mean), followed by a rank-r
+truncated SVD; we compare dense products B @ A since singular vectors have
+arbitrary signs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from d2c_jax import merging
+from kernels.merge import MergeConfig
+
+N, L, R, D_IN = 5, 2, 2, 8
+D_OUT = {"q_proj": 8, "v_proj": 4}
+NAMES = tuple(f"task{i}" for i in range(N))
+
+
+def random_library(seed: int, n: int = N):
+    rng = np.random.default_rng(seed)
+    params = {
+        m: {
+            "A": rng.standard_normal((n, L, R, D_IN)).astype(np.float32),
+            "B": rng.standard_normal((n, L, d_out, R)).astype(np.float32),
+        }
+        for m, d_out in D_OUT.items()
+    }
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
+    return params, scale
+
+
+def dense(params, scale):
+    return {
+        m: scale[:, None, None, None] * (f["B"].astype(np.float64) @ f["A"].astype(np.float64))
+        for m, f in params.items()
+    }
+
+
+def np_trim(deltas, density, scope):
+    """Keep the top int(density * size) |x| per matrix or per adapter (by sorting)."""
+    out = {m: np.zeros_like(x) for m, x in deltas.items()}
+    for n in range(N):
+        if scope == "global":
+            groups = [[(m, layer) for m in sorted(deltas) for layer in range(L)]]
+        else:
+            groups = [[(m, layer)] for m in sorted(deltas) for layer in range(L)]
+        for group in groups:
+            flat = np.concatenate([deltas[m][n, layer].ravel() for m, layer in group])
+            k = int(density * flat.size)
+            keep = np.zeros(flat.size, bool)
+            keep[np.argsort(-np.abs(flat), kind="stable")[:k]] = True
+            start = 0
+            for m, layer in group:
+                size = deltas[m][n, layer].size
+                out[m][n, layer] = np.where(
+                    keep[start : start + size], flat[start : start + size], 0
+                ).reshape(deltas[m][n, layer].shape)
+                start += size
+    return out
+
+
+def np_ties(deltas, members, weights, config):
+    """TIES on dense deltas for one cluster, entry by entry: {m: [L, d_out, d_in]}."""
+    trimmed = np_trim(deltas, config.density, config.trim)
+    out = {}
+    for m, x in trimmed.items():
+        merged = np.zeros(x.shape[1:])
+        for idx in np.ndindex(*x.shape[1:]):
+            values = [x[(n,) + idx] for n in members]
+            votes = [
+                weights[n] * v if config.sign_vote == "weighted" else v
+                for n, v in zip(members, values, strict=True)
+            ]
+            if config.majority == "total":
+                elected = 1 if sum(votes) >= 0 else -1
+            else:
+                elected = 1 if sum(np.sign(votes)) >= 0 else -1
+            agree = [n for n, v in zip(members, votes, strict=True) if np.sign(v) == elected]
+            total = sum(weights[n] * x[(n,) + idx] for n in agree)
+            if config.divisor == "count":
+                total /= max(len(agree), 1)
+            elif config.divisor == "weight" and agree:
+                total /= sum(weights[n] for n in agree)
+            merged[idx] = config.lam * total
+        out[m] = merged
+    return out
+
+
+def np_truncate(delta, rank):
+    u, s, vh = np.linalg.svd(delta, full_matrices=False)
+    return (u[..., :rank] * s[..., None, :rank]) @ vh[..., :rank, :]
+
+
+TIES_CONFIGS = [
+    MergeConfig("ties", density=0.4),
+    MergeConfig("ties", density=0.4, trim="global"),
+    MergeConfig("ties", density=0.3, majority="frequency", lam=1.5),
+    MergeConfig("ties", density=0.5, sign_vote="weighted", divisor="weight", trim="global"),
+    MergeConfig("ties", density=0.5, sign_vote="weighted", divisor="none"),
+]
+
+
+@pytest.mark.parametrize(
+    "config", TIES_CONFIGS, ids=lambda c: f"{c.trim}-{c.majority}-{c.sign_vote}-{c.divisor}"
+)
+def test_delta_ties_equals_numpy_reference_then_svd(config):
+    params, scale = random_library(0)
+    weights = (1.0, 0.5, 2.0, 0.7, 1.3)
+    config = MergeConfig(**{**config.to_dict(), "weights": weights})
+    clusters = [(0, 1, 2), (3, 4), (0, 2, 3, 4)]
+    membership = np.zeros((len(clusters), N), np.float32)
+    for c, members in enumerate(clusters):
+        membership[c, list(members)] = 1
+    out = merging.merge(params, scale, membership, config, names=NAMES, return_delta=True)
+    deltas = dense(params, scale)
+    for c, members in enumerate(clusters):
+        ref = np_ties(deltas, members, weights, config)
+        for m in D_OUT:
+            np.testing.assert_allclose(out.delta[m]["delta"][c], ref[m], rtol=1e-4, atol=1e-4)
+            a, b = out.params[m]["A"][c], out.params[m]["B"][c]
+            assert a.shape == (L, R, D_IN) and b.shape == (L, D_OUT[m], R)
+            np.testing.assert_allclose(b @ a, np_truncate(ref[m], R), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(out.scale, np.ones(len(clusters)))
+
+
+def _config(method, space, density=0.5, **kwargs):
+    sparse = method not in ("linear", "task_arithmetic")
+    return MergeConfig(method, space=space, density=density if sparse else None, **kwargs)
+
+
+METHODS = ["ties", "linear", "task_arithmetic", "dare_ties", "dare_linear", "magnitude_prune"]
+PROPERTY_SETTINGS = settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+@PROPERTY_SETTINGS
+@given(
+    method=st.sampled_from(METHODS),
+    space=st.sampled_from(["delta", "factor"]),
+    trim=st.sampled_from(["global", "per-tensor"]),
+    member=st.integers(0, N - 1),
+    seed=st.integers(0, 2**16),
+)
+def test_single_adapter_at_density_one_is_that_adapter(method, space, trim, member, seed):
+    params, scale = random_library(seed)
+    config = _config(method, space, density=1.0, trim=trim)
+    membership = np.zeros((1, N), np.float32)
+    membership[0, member] = 1
+    out = merging.merge(params, scale, membership, config, names=NAMES, return_delta=True)
+    expected = dense(params, scale)
+    for m in D_OUT:
+        np.testing.assert_allclose(
+            out.delta[m]["delta"][0], expected[m][member], rtol=1e-4, atol=1e-5
+        )
+        deployed = out.params[m]["B"][0] @ out.params[m]["A"][0]  # rank r: SVD is exact
+        np.testing.assert_allclose(deployed, expected[m][member], rtol=1e-3, atol=1e-4)
+
+
+@PROPERTY_SETTINGS
+@given(
+    method=st.sampled_from(METHODS),
+    space=st.sampled_from(["delta", "factor"]),
+    majority=st.sampled_from(["total", "frequency"]),
+    permutation=st.permutations(range(N)),
+    seed=st.integers(0, 2**16),
+)
+def test_member_order_does_not_matter(method, space, majority, permutation, seed):
+    params, scale = random_library(seed)
+    weights = (1.0, 0.5, 2.0, 0.7, 1.3)
+    config = _config(method, space, majority=majority, weights=weights)
+    membership = np.asarray([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], np.float32)
+    out = merging.merge(params, scale, membership, config, names=NAMES, return_delta=True)
+    p = list(permutation)
+    permuted = merging.merge(
+        jax.tree.map(lambda x: x[p], params),
+        scale[p],
+        membership[:, p],
+        MergeConfig(**{**config.to_dict(), "weights": tuple(weights[i] for i in p)}),
+        names=[NAMES[i] for i in p],
+        return_delta=True,
+    )
+    for m in D_OUT:
+        np.testing.assert_allclose(
+            permuted.delta[m]["delta"], out.delta[m]["delta"], rtol=1e-4, atol=1e-5
+        )
+
+
+@PROPERTY_SETTINGS
+@given(
+    method=st.sampled_from(METHODS),
+    space=st.sampled_from(["delta", "factor"]),
+    rows=st.lists(st.lists(st.booleans(), min_size=N, max_size=N), min_size=2, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_batched_membership_equals_each_cluster_alone(method, space, rows, seed):
+    params, scale = random_library(seed)
+    config = _config(method, space)
+    membership = np.asarray(rows, np.float32)
+    prepared = merging.prepare(params, scale, config, names=NAMES)
+    batched = merging.merged_factors(prepared, membership, return_delta=True)
+    for c in range(len(rows)):
+        alone = merging.merge(
+            params, scale, membership[c : c + 1], config, names=NAMES, return_delta=True
+        )
+        for m in D_OUT:
+            np.testing.assert_allclose(
+                batched.delta[m]["delta"][c], alone.delta[m]["delta"][0], rtol=1e-5, atol=1e-6
+            )
+            np.testing.assert_allclose(
+                batched.params[m]["B"][c] @ batched.params[m]["A"][c],
+                alone.params[m]["B"][0] @ alone.params[m]["A"][0],
+                rtol=1e-4,
+                atol=1e-5,
+            )
+
+
+def test_empty_cluster_merges_to_zero():
+    params, scale = random_library(0)
+    for config in (_config("ties", "delta"), _config("linear", "factor")):
+        out = merging.merge(params, scale, np.zeros((1, N)), config, names=NAMES, return_delta=True)
+        for m in D_OUT:
+            assert not np.any(out.delta[m]["delta"])
+
+
+def test_merged_deltas_is_untruncated_and_factor_delta_is_exact():
+    params, scale = random_library(1)
+    membership = np.asarray([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]], np.float32)
+    prepared = merging.prepare(params, scale, _config("ties", "delta"), names=NAMES)
+    deltas = merging.merged_deltas(prepared, membership)
+    factors = merging.merged_factors(prepared, membership, return_delta=True)
+    for m in D_OUT:
+        np.testing.assert_allclose(deltas[m]["delta"], factors.delta[m]["delta"], rtol=1e-6)
+        assert np.linalg.matrix_rank(np.asarray(deltas[m]["delta"][0, 0])) > R  # untruncated
+        np.testing.assert_allclose(
+            factors.params[m]["B"] @ factors.params[m]["A"],
+            np_truncate(np.asarray(deltas[m]["delta"], np.float64), R),
+            rtol=1e-3,
+            atol=1e-4,
+        )
+    prepared = merging.prepare(params, scale, _config("ties", "factor"), names=NAMES)
+    factors = merging.merged_factors(prepared, membership, return_delta=True)
+    for m in D_OUT:
+        np.testing.assert_allclose(
+            factors.delta[m]["delta"],
+            factors.params[m]["B"] @ factors.params[m]["A"],
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_dare_mask_depends_on_name_and_seed_not_on_the_library():
+    params, scale = random_library(2)
+    config = _config("dare_linear", "delta", density=0.5, seed=7)
+    full = merging.prepare(params, scale, config, names=NAMES)
+    subset = [3, 1]
+    sub = merging.prepare(
+        jax.tree.map(lambda x: x[subset], params),
+        scale[subset],
+        config,
+        names=[NAMES[i] for i in subset],
+    )
+    for m in D_OUT:
+        np.testing.assert_array_equal(sub.tensors[m], full.tensors[m][np.asarray(subset)])
+    reseeded = merging.prepare(
+        params, scale, _config("dare_linear", "delta", density=0.5, seed=8), names=NAMES
+    )
+    assert not np.array_equal(reseeded.tensors["q_proj"], full.tensors["q_proj"])
+
+
+def test_shape_and_argument_errors():
+    params, scale = random_library(0)
+    config = _config("linear", "delta")
+    with pytest.raises(ValueError, match="names has 4 entries"):
+        merging.merge(params, scale, np.ones((1, N)), config, names=NAMES[:4])
+    with pytest.raises(ValueError, match=r"membership must be a \[C, N=5\]"):
+        merging.merge(params, scale, np.ones((1, 4)), config, names=NAMES)
+    with pytest.raises(ValueError, match="weights has 2 values but there are 5 adapters"):
+        merging.merge(
+            params, scale, np.ones((1, N)), _config("linear", "delta", weights=(1, 2)), names=NAMES
+        )
+    bad = {**params, "v_proj": {"A": params["v_proj"]["A"][:4], "B": params["v_proj"]["B"]}}
+    with pytest.raises(ValueError, match="v_proj"):
+        merging.merge(bad, scale, np.ones((1, N)), config, names=NAMES)
+    with pytest.raises(ValueError, match="must have keys 'A' and 'B'"):
+        merging.merge(
+            {"q_proj": {"A": params["q_proj"]["A"]}}, scale, np.ones((1, N)), config, names=NAMES
+        )
+
+
+def test_merge_arguments_round_trip():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    merging.add_merge_arguments(parser)
+    args = parser.parse_args(
+        "--method dare_ties --space factor --density 0.3 --weights 1 2 --trim global "
+        "--majority frequency --sign-vote weighted --lambda 0.8 --seed 4".split()
+    )
+    config = merging.merge_config_from_args(args)
+    assert config == MergeConfig(
+        "dare_ties",
+        space="factor",
+        density=0.3,
+        weights=(1.0, 2.0),
+        trim="global",
+        majority="frequency",
+        sign_vote="weighted",
+        divisor="count",
+        lam=0.8,
+        seed=4,
+    )
+    with pytest.raises(ValueError, match="--density is required for merge method ties"):
+        merging.merge_config_from_args(parser.parse_args(["--method", "ties"]))
+    assert (
+        merging.merge_config_from_args(parser.parse_args(["--method", "linear"])).divisor
+        == "weight"
+    )
+    renamed = argparse.ArgumentParser()
+    renamed.add_argument("--method", default="kmeans")  # e.g. the clustering method
+    merging.add_merge_arguments(renamed, method_flag="--merge")
+    args = renamed.parse_args(["--method", "d2c", "--merge", "linear"])
+    assert args.method == "d2c" and merging.merge_config_from_args(args).method == "linear"
+
+
+def test_prepared_library_is_a_pytree_for_jit():
+    params, scale = random_library(0)
+    prepared = merging.prepare(params, scale, _config("ties", "delta"), names=NAMES)
+    leaves = jax.tree.leaves(prepared)
+    assert len(leaves) == len(D_OUT) + 2  # tensors per module, scale, weights
+    doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p))(prepared)
+    assert doubled.config == prepared.config and doubled.rank == R
+    assert jnp.allclose(doubled.scale, 2 * prepared.scale)
