@@ -35,3 +35,9 @@ lint: install-test
 
 clean-venv:
 	rm -rf $(VENV)
+
+library: install
+	$(PY) -m d2c_jax.build_library
+
+paper: install
+	$(PY) benchmarks/paper_table.py

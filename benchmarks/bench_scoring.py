@@ -65,8 +65,11 @@ def matmul_peak(n: int = 2048, repeat: int = 5) -> dict:
         start = time.perf_counter()
         a @ b
         runs.append(time.perf_counter() - start)
-    return {"n": n, "gflops_best": 2 * n**3 / min(runs) / 1e9,
-            "gflops_median": 2 * n**3 / float(np.median(runs)) / 1e9}
+    return {
+        "n": n,
+        "gflops_best": 2 * n**3 / min(runs) / 1e9,
+        "gflops_median": 2 * n**3 / float(np.median(runs)) / 1e9,
+    }
 
 
 def random_library(config, n, rank, seed):
@@ -79,7 +82,8 @@ def random_library(config, n, rank, seed):
         params[m] = {
             "A": rng.uniform(-bound, bound, (n, config.num_layers, rank, d_in)).astype(np.float32),
             "B": (0.01 * rng.standard_normal((n, config.num_layers, d_out, rank))).astype(
-                np.float32),
+                np.float32
+            ),
         }
     return params
 
@@ -87,20 +91,32 @@ def random_library(config, n, rank, seed):
 def flops(config, tokens: int, labels: int, attn_pairs: int) -> float:
     """Forward FLOPs: trunk matmuls on `tokens`, head on `labels`, attention on pairs."""
     c = config
-    trunk = 2 * tokens * c.num_layers * sum(
-        int(np.prod(c.module_shape(m))) for m in
-        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    trunk = (
+        2
+        * tokens
+        * c.num_layers
+        * sum(
+            int(np.prod(c.module_shape(m)))
+            for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        )
+    )
     head = 2 * labels * c.vocab_size * c.hidden_size
     attention = 2 * 2 * attn_pairs * c.num_layers * c.num_heads * c.head_dim
     return float(trunk + head + attention)
 
 
+def spearman(x, y) -> float:
+    rx = np.argsort(np.argsort(x))
+    ry = np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 # ------------------------------------------------------------------ profile
 
 
-def hlo_kinds(hlo_text: str) -> dict[str, str]:
-    """Map each fusion / op name in optimized HLO to "matmul" (it contains a dot or a
-    convolution) or "other"."""
+def hlo_kinds(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Map each fusion / op name in optimized HLO to ``(kind, output shape)``; kind is
+    "matmul" (it contains a dot or a convolution) or "other"."""
     bodies: dict[str, str] = {}
     current, lines = None, []
     for line in hlo_text.splitlines():
@@ -117,14 +133,14 @@ def hlo_kinds(hlo_text: str) -> dict[str, str]:
     kinds = {}
     for body in bodies.values():
         for line in body.splitlines():
-            m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*\S+\s+(\w[\w\-]*)\(", line)
+            m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+(\w[\w\-]*)\(", line)
             if not m:
                 continue
-            name, op = m.groups()
+            name, shape, op = m.groups()
             calls = re.search(r"calls=%?([\w.\-]+)", line)
             text = bodies.get(calls.group(1), "") if calls else line
             is_mm = op in ("dot", "convolution") or " dot(" in text or "convolution(" in text
-            kinds[name] = "matmul" if is_mm else "other"
+            kinds[name] = ("matmul" if is_mm else "other", shape.split("{")[0])
     return kinds
 
 
@@ -148,13 +164,23 @@ def profile_call(fn, hlo_text: str, workdir: str) -> dict:
     total = sum(leaf.values())
     by_kind = collections.Counter()
     for name, sec in leaf.items():
-        by_kind[kinds.get(name, "other")] += sec
-    top = [{"op": k, "kind": kinds.get(k, "other"), "seconds": round(v, 4),
-            "share": round(v / total, 4)} for k, v in collections.Counter(leaf).most_common(12)]
-    return {"xla_op_seconds": round(total, 4),
-            "by_kind_seconds": {k: round(v, 4) for k, v in by_kind.items()},
-            "matmul_share": round(by_kind["matmul"] / total, 4) if total else None,
-            "top_ops": top}
+        by_kind[kinds.get(name, ("other", ""))[0]] += sec
+    top = [
+        {
+            "op": k,
+            "kind": kinds.get(k, ("other", ""))[0],
+            "shape": kinds.get(k, ("", "?"))[1],
+            "seconds": round(v, 4),
+            "share": round(v / total, 4),
+        }
+        for k, v in collections.Counter(leaf).most_common(12)
+    ]
+    return {
+        "xla_op_seconds": round(total, 4),
+        "by_kind_seconds": {k: round(v, 4) for k, v in by_kind.items()},
+        "matmul_share": round(by_kind["matmul"] / total, 4) if total else None,
+        "top_ops": top,
+    }
 
 
 # ------------------------------------------------------------------ main
@@ -208,8 +234,12 @@ def main(argv=None) -> int:
     masks = np.zeros((c, n), bool)
     for i in range(c):
         masks[i, rng.choice(n, k, replace=False)] = True
-    example_idx = np.stack([np.concatenate([np.arange(t * e, (t + 1) * e)
-                                            for t in np.flatnonzero(row)]) for row in masks])
+    example_idx = np.stack(
+        [
+            np.concatenate([np.arange(t * e, (t + 1) * e) for t in np.flatnonzero(row)])
+            for row in masks
+        ]
+    )
     task_of = bank.task_ids
     params_np = random_library(cfg, n, args.rank, args.seed)
     params = jax.tree.map(jnp.asarray, params_np)
@@ -238,8 +268,9 @@ def main(argv=None) -> int:
             cands, cscale = merging.merged_deltas(prepared, mask_j), None
         jax.block_until_ready(cands)
         merge_s = time.perf_counter() - t
-        nll, stats = score_candidates(base, cands, bank, example_idx, scale=cscale, pack=pack,
-                                      return_stats=True)
+        nll, stats = score_candidates(
+            base, cands, bank, example_idx, scale=cscale, pack=pack, return_stats=True
+        )
         return per_task(nll), merge_s, time.perf_counter() - t - merge_s, stats
 
     # (b) per-candidate loop: our merge of one candidate + jitted single-adapter forward
@@ -253,13 +284,21 @@ def main(argv=None) -> int:
         nll = np.empty(example_idx.shape, np.float32)
         for i in range(c):
             t = time.perf_counter()
-            delta = merging.merged_deltas(prepared, mask_j[i: i + 1])
+            delta = merging.merged_deltas(prepared, mask_j[i : i + 1])
             delta = jax.tree.map(lambda x: x[0], delta)
             jax.block_until_ready(delta)
             t2 = time.perf_counter()
             rows = example_idx[i]
-            nll[i] = np.asarray(single(base, delta, 1.0, bank.tokens[rows, :t_len],
-                                       bank.loss_mask[rows, :t_len], max_labels=max_labels))
+            nll[i] = np.asarray(
+                single(
+                    base,
+                    delta,
+                    1.0,
+                    bank.tokens[rows, :t_len],
+                    bank.loss_mask[rows, :t_len],
+                    max_labels=max_labels,
+                )
+            )
             merge_s += t2 - t
             score_s += time.perf_counter() - t2
         return per_task(nll), merge_s, score_s, None
@@ -284,15 +323,21 @@ def main(argv=None) -> int:
         weights["layers"] = {key: np.asarray(v) for key, v in w["layers"].items()}
         save_hf_weights(Path(tmp.name) / "hf", cfg, weights)
         tmodel = transformers.AutoModelForCausalLM.from_pretrained(
-            str(Path(tmp.name) / "hf"), dtype=torch.float32).eval()
+            str(Path(tmp.name) / "hf"), dtype=torch.float32
+        ).eval()
         names = [f"t{i}" for i in range(n)]
         for i in range(n):
-            save_peft_adapter(Path(tmp.name) / names[i],
-                              {m: {f: params_np[m][f][i] for f in "AB"} for m in MODULES},
-                              rank=args.rank, alpha=alpha, base_model=base.name,
-                              dtype=jnp.float32)
-        pmodel = PeftModel.from_pretrained(tmodel, str(Path(tmp.name) / names[0]),
-                                           adapter_name=names[0])
+            save_peft_adapter(
+                Path(tmp.name) / names[i],
+                {m: {f: params_np[m][f][i] for f in "AB"} for m in MODULES},
+                rank=args.rank,
+                alpha=alpha,
+                base_model=base.name,
+                dtype=jnp.float32,
+            )
+        pmodel = PeftModel.from_pretrained(
+            tmodel, str(Path(tmp.name) / names[0]), adapter_name=names[0]
+        )
         for i in range(1, n):
             pmodel.load_adapter(str(Path(tmp.name) / names[i]), adapter_name=names[i])
         pmodel.eval()
@@ -304,23 +349,31 @@ def main(argv=None) -> int:
                 for i in range(c):
                     t = time.perf_counter()
                     members = [names[j] for j in np.flatnonzero(masks[i])]
-                    pmodel.add_weighted_adapter(members, [1.0] * len(members), "cand",
-                                                combination_type="ties_svd", density=0.2)
+                    pmodel.add_weighted_adapter(
+                        members,
+                        [1.0] * len(members),
+                        "cand",
+                        combination_type="ties_svd",
+                        density=0.2,
+                    )
                     pmodel.set_adapter("cand")
                     t2 = time.perf_counter()
                     rows = example_idx[i]
                     for lo in range(0, len(rows), 16):
-                        r = rows[lo: lo + 16]
+                        r = rows[lo : lo + 16]
                         ids = torch.from_numpy(bank.tokens[r, :t_len]).long()
                         att = torch.from_numpy(
-                            np.arange(t_len)[None, :] < bank.lengths[r][:, None]).long()
+                            np.arange(t_len)[None, :] < bank.lengths[r][:, None]
+                        ).long()
                         logits = pmodel(input_ids=ids, attention_mask=att).logits[:, :-1]
                         labels = ids[:, 1:].clone()
                         labels[torch.from_numpy(bank.loss_mask[r, 1:t_len]) == 0] = -100
                         ce = torch.nn.functional.cross_entropy(
-                            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                            reduction="none").reshape(labels.shape)
-                        nll[i, lo: lo + len(r)] = (ce.sum(1) / (labels != -100).sum(1)).numpy()
+                            logits.reshape(-1, logits.shape[-1]),
+                            labels.reshape(-1),
+                            reduction="none",
+                        ).reshape(labels.shape)
+                        nll[i, lo : lo + len(r)] = (ce.sum(1) / (labels != -100).sum(1)).numpy()
                     score_s += time.perf_counter() - t2
                     pmodel.delete_adapter("cand")
                     merge_s += t2 - t
@@ -329,8 +382,9 @@ def main(argv=None) -> int:
         def warm_torch():  # torch compiles nothing: one merge and one batch warm it up
             with torch.inference_mode():
                 members = [names[j] for j in np.flatnonzero(masks[0])]
-                pmodel.add_weighted_adapter(members, [1.0] * len(members), "cand",
-                                            combination_type="ties_svd", density=0.2)
+                pmodel.add_weighted_adapter(
+                    members, [1.0] * len(members), "cand", combination_type="ties_svd", density=0.2
+                )
                 pmodel.set_adapter("cand")
                 pmodel(input_ids=torch.from_numpy(bank.tokens[example_idx[0][:16], :t_len]).long())
                 pmodel.delete_adapter("cand")
@@ -364,91 +418,139 @@ def main(argv=None) -> int:
     for name, rs in runs.items():
         best = min(rs, key=lambda r: r[0])
         entry = results.setdefault(name, {})
-        entry.update({
-            "seconds": round(best[0], 4),
-            "merge_seconds": round(best[1], 4),
-            "score_seconds": round(best[2], 4),
-            "all_runs_seconds": [round(r[0], 4) for r in rs],
-            "warmup_seconds_incl_compile": round(compile_seconds[name], 3),
-            "candidates_per_second": round(c / best[0], 4),
-            "real_tokens_per_second": round(real_tokens / best[0], 1),
-            "useful_gflops_per_second": round(useful / best[0] / 1e9, 2),
-            "useful_fraction_of_matmul_peak": round(useful / best[0] / 1e9 / peak, 4),
-        })
+        entry.update(
+            {
+                "seconds": round(best[0], 4),
+                "merge_seconds": round(best[1], 4),
+                "score_seconds": round(best[2], 4),
+                "all_runs_seconds": [round(r[0], 4) for r in rs],
+                "warmup_seconds_incl_compile": round(compile_seconds[name], 3),
+                "candidates_per_second": round(c / best[0], 4),
+                "real_tokens_per_second": round(real_tokens / best[0], 1),
+                "useful_gflops_per_second": round(useful / best[0] / 1e9, 2),
+                "useful_fraction_of_matmul_peak": round(useful / best[0] / 1e9 / peak, 4),
+            }
+        )
         st = entry.get("score_stats")
         if st:
             t_rows = st["seq_len"]
-            executed = flops(cfg, st["computed_tokens"], st["computed_label_positions"],
-                             st["computed_tokens"] * (t_rows + 1) // 2)
+            executed = flops(
+                cfg,
+                st["computed_tokens"],
+                st["computed_label_positions"],
+                st["computed_tokens"] * (t_rows + 1) // 2,
+            )
             entry["executed_gflop"] = round(executed / 1e9, 2)
             entry["executed_fraction_of_matmul_peak_scoring_only"] = round(
-                executed / best[2] / 1e9 / peak, 4)
+                executed / best[2] / 1e9 / peak, 4
+            )
             entry["executed_fraction_of_matmul_peak_end_to_end"] = round(
-                executed / best[0] / 1e9 / peak, 4)
+                executed / best[0] / 1e9 / peak, 4
+            )
     # the loop's executed FLOPs (one example per padded row)
-    loop_exec = flops(cfg, c * example_idx.shape[1] * t_len, c * example_idx.shape[1] * max_labels,
-                      c * example_idx.shape[1] * t_len * (t_len + 1) // 2)
+    loop_exec = flops(
+        cfg,
+        c * example_idx.shape[1] * t_len,
+        c * example_idx.shape[1] * max_labels,
+        c * example_idx.shape[1] * t_len * (t_len + 1) // 2,
+    )
     results["loop"]["executed_gflop"] = round(loop_exec / 1e9, 2)
     results["loop"]["executed_fraction_of_matmul_peak_scoring_only"] = round(
-        loop_exec / results["loop"]["score_seconds"] / 1e9 / peak, 4)
+        loop_exec / results["loop"]["score_seconds"] / 1e9 / peak, 4
+    )
 
     agreement = {}
     ref = outputs["batched"]
     for name, out in outputs.items():
         if name != "batched":
             agreement[f"max_abs_task_nll_diff_batched_vs_{name}"] = float(
-                np.nanmax(np.abs(out - ref)))
+                np.nanmax(np.abs(out - ref))
+            )
     if "torch_peft" in outputs and "batched_deployed" in outputs:
         agreement["max_abs_task_nll_diff_deployed_vs_torch_peft"] = float(
-            np.nanmax(np.abs(outputs["batched_deployed"] - outputs["torch_peft"])))
+            np.nanmax(np.abs(outputs["batched_deployed"] - outputs["torch_peft"]))
+        )
     agreement["mean_task_nll_batched"] = float(np.nanmean(ref))
+    # does scoring the untruncated delta rank candidates like scoring what is deployed?
+    cand_mean = {name: np.nanmean(out, axis=1) for name, out in outputs.items()}
+    for other in ("batched_deployed", "torch_peft"):
+        if other in cand_mean and c > 2:
+            agreement[f"spearman_candidate_ranking_batched_vs_{other}"] = spearman(
+                cand_mean["batched"], cand_mean[other]
+            )
+    agreement["candidate_mean_nll"] = {
+        k2: [round(float(x), 4) for x in v] for k2, v in cand_mean.items()
+    }
 
     ratios = {"batched_over_loop": results["loop"]["seconds"] / results["batched"]["seconds"]}
     if "torch_peft" in results:
-        ratios["batched_over_torch_peft"] = (results["torch_peft"]["seconds"]
-                                             / results["batched"]["seconds"])
+        ratios["batched_over_torch_peft"] = (
+            results["torch_peft"]["seconds"] / results["batched"]["seconds"]
+        )
     if "batched_unpacked" in results:
-        ratios["unpacked_over_loop"] = (results["loop"]["seconds"]
-                                        / results["batched_unpacked"]["seconds"])
+        ratios["unpacked_over_loop"] = (
+            results["loop"]["seconds"] / results["batched_unpacked"]["seconds"]
+        )
 
     profile = None
     if not args.no_profile:
         deltas = merging.merged_deltas(prepared, mask_j)
         _, st = score_candidates(base, deltas, bank, example_idx, return_stats=True)
-        packed = pack_examples(bank, example_idx, np.ones(example_idx.shape, bool),
-                               st["seq_len"])
+        packed = pack_examples(bank, example_idx, np.ones(example_idx.shape, bool), st["seq_len"])
         from d2c_jax.scoring import _packed_candidate_nll_jit
 
         size = st["chunk_size"]
         sel = np.arange(size)
         chunk = jax.tree.map(lambda x: x[:size], deltas)
-        call_args = (base, chunk, jnp.ones((size,), jnp.float32), packed.tokens[sel],
-                     packed.segments[sel], packed.positions[sel], packed.loss_mask[sel],
-                     packed.slots[sel])
-        kwargs = dict(num_examples=example_idx.shape[1], max_labels=st["max_labels"],
-                      vocab_chunk=8192)
+        call_args = (
+            base,
+            chunk,
+            jnp.ones((size,), jnp.float32),
+            packed.tokens[sel],
+            packed.segments[sel],
+            packed.positions[sel],
+            packed.loss_mask[sel],
+            packed.slots[sel],
+        )
+        kwargs = dict(
+            num_examples=example_idx.shape[1], max_labels=st["max_labels"], vocab_chunk=8192
+        )
         hlo = _packed_candidate_nll_jit.lower(*call_args, **kwargs).compile().as_text()
         t = time.perf_counter()
         profile = profile_call(
             lambda: jax.block_until_ready(_packed_candidate_nll_jit(*call_args, **kwargs)),
-            hlo, os.path.join(tmp.name, "trace"))
+            hlo,
+            os.path.join(tmp.name, "trace"),
+        )
         profile["call_wall_seconds_under_profiler"] = round(time.perf_counter() - t, 3)
         profile["candidates_in_call"] = size
-        profile["note"] = ("one jitted scoring call of (a) (one chunk); 'matmul' = XLA ops "
-                           "whose fused computation contains a dot")
+        profile["note"] = (
+            "one jitted scoring call of (a) (one chunk); 'matmul' = XLA ops "
+            "whose fused computation contains a dot"
+        )
     tmp.cleanup()
 
     payload = {
         "quick": q,
         "setup": {
-            "model": base.name, "dtype": "float32", "adapters": n, "rank": args.rank,
-            "target_modules": list(MODULES), "cluster_size": k, "candidates": c,
-            "examples_per_task": e, "examples_per_candidate": int(example_idx.shape[1]),
+            "model": base.name,
+            "dtype": "float32",
+            "adapters": n,
+            "rank": args.rank,
+            "target_modules": list(MODULES),
+            "cluster_size": k,
+            "candidates": c,
+            "examples_per_task": e,
+            "examples_per_candidate": int(example_idx.shape[1]),
             "real_tokens_per_candidate": real_tokens / c,
             "label_tokens_per_candidate": labels / c,
-            "merge": {"method": merge_cfg.method, "space": merge_cfg.space,
-                      "density": merge_cfg.density, "jax_scores": "untruncated merged delta",
-                      "torch": "add_weighted_adapter ties_svd density 0.2 (SVD to rank r)"},
+            "merge": {
+                "method": merge_cfg.method,
+                "space": merge_cfg.space,
+                "density": merge_cfg.density,
+                "jax_scores": "untruncated merged delta",
+                "torch": "add_weighted_adapter ties_svd density 0.2 (SVD to rank r)",
+            },
             "adapters_note": "random LoRAs (seeded): A Kaiming-uniform as PEFT, B N(0, 0.01)",
             "examples": "built-in task suite, dev split",
             "library_prepare_seconds_once": round(prepare_seconds, 3),
@@ -456,8 +558,10 @@ def main(argv=None) -> int:
         },
         "matmul_peak": {"before": peak_before, "after": peak_after, "gflops_used": peak},
         "load_average_1min": {"start": load_start[0], "end": load_start[1]},
-        "flops": {"useful_gflop_total": round(useful / 1e9, 2),
-                  "model_gflop_per_token": round(cfg.flops_per_token() / 1e9, 4)},
+        "flops": {
+            "useful_gflop_total": round(useful / 1e9, 2),
+            "model_gflop_per_token": round(cfg.flops_per_token() / 1e9, 4),
+        },
         "methods": results,
         "ratios": {key: round(v, 3) for key, v in ratios.items()},
         "agreement": agreement,
@@ -466,10 +570,18 @@ def main(argv=None) -> int:
     }
     path = write_result("bench_scoring_quick" if q else "bench_scoring", payload)
     key = "executed_fraction_of_matmul_peak_scoring_only"
-    print(json.dumps({"ratios": payload["ratios"],
-                      "seconds": {k2: v["seconds"] for k2, v in results.items()},
-                      "fraction_of_peak": {k2: v.get(key) for k2, v in results.items()},
-                      "peak_gflops": round(peak, 1), "wall": payload["wall_seconds"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "ratios": payload["ratios"],
+                "seconds": {k2: v["seconds"] for k2, v in results.items()},
+                "fraction_of_peak": {k2: v.get(key) for k2, v in results.items()},
+                "peak_gflops": round(peak, 1),
+                "wall": payload["wall_seconds"],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {path}")
     return 0
 

@@ -74,7 +74,11 @@ def evaluate_setting(
         assign = reference_groupings(library.names)[setting]
         adapters = merged_task_adapters(library, assign, merge_config)
     results = evaluate_adapters(
-        base, adapters, root, split, chat_template=setting == "base_chat",
+        base,
+        adapters,
+        root,
+        split,
+        chat_template=setting == "base_chat",
         max_new_tokens=MAX_NEW_TOKENS,
     )
     results = {"per_task": results, "seconds": time.perf_counter() - start}
@@ -83,8 +87,8 @@ def evaluate_setting(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from d2c_jax.merging import DEFAULT_MERGE
     from d2c_jax.evaluate import average_metrics, relative_score
+    from d2c_jax.merging import DEFAULT_MERGE
     from d2c_jax.models import load_base
 
     parser = argparse.ArgumentParser(prog="python -m d2c_jax.build_library", description=__doc__)

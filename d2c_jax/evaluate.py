@@ -94,8 +94,9 @@ def task_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
     return {"n": len(references), "exact_match": em, "chrf": c, "score": task_score(em, c)}
 
 
-def average_metrics(per_task: Mapping[str, Mapping[str, float]],
-                    metrics: Sequence[str] = METRICS) -> dict:
+def average_metrics(
+    per_task: Mapping[str, Mapping[str, float]], metrics: Sequence[str] = METRICS
+) -> dict:
     """Macro average over tasks of each metric: ``{metric: mean, ..., "n_tasks": T}``."""
     if not per_task:
         raise ValueError("no tasks to average")
@@ -104,9 +105,11 @@ def average_metrics(per_task: Mapping[str, Mapping[str, float]],
     return out
 
 
-def relative_score_details(merged: Mapping[str, Mapping[str, float]],
-                           single: Mapping[str, Mapping[str, float]],
-                           metric: str = "score") -> dict:
+def relative_score_details(
+    merged: Mapping[str, Mapping[str, float]],
+    single: Mapping[str, Mapping[str, float]],
+    metric: str = "score",
+) -> dict:
     """Per-task ratios ``merged[t][metric] / single[t][metric]`` and their mean.
 
     Returns ``{"relative_score": mean, "per_task": {task: ratio}, "excluded": [tasks]}``;
@@ -127,17 +130,21 @@ def relative_score_details(merged: Mapping[str, Mapping[str, float]],
     return {"relative_score": mean, "per_task": per_task, "excluded": excluded}
 
 
-def relative_score(merged: Mapping[str, Mapping[str, float]],
-                   single: Mapping[str, Mapping[str, float]],
-                   metric: str = "score") -> float:
+def relative_score(
+    merged: Mapping[str, Mapping[str, float]],
+    single: Mapping[str, Mapping[str, float]],
+    metric: str = "score",
+) -> float:
     """Mean over tasks of merged / single-adapter ``metric`` (1.0 = no loss from merging)."""
     return relative_score_details(merged, single, metric)["relative_score"]
 
 
-def evaluate_task(generate_fn: Callable[[list[str]], list[str]],
-                  examples: Sequence[Mapping[str, str]],
-                  batch_size: int = 16,
-                  return_predictions: bool = False) -> dict:
+def evaluate_task(
+    generate_fn: Callable[[list[str]], list[str]],
+    examples: Sequence[Mapping[str, str]],
+    batch_size: int = 16,
+    return_predictions: bool = False,
+) -> dict:
     """Generate answers for ``examples`` (``{"prompt", "target"}``) in batches and score them.
 
     ``generate_fn`` gets lists of at most ``batch_size`` prompts and must return one
@@ -150,11 +157,12 @@ def evaluate_task(generate_fn: Callable[[list[str]], list[str]],
     references = [e["target"] for e in examples]
     raw: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         answers = list(generate_fn(batch))
         if len(answers) != len(batch):
             raise ValueError(
-                f"generate_fn returned {len(answers)} answers for {len(batch)} prompts")
+                f"generate_fn returned {len(answers)} answers for {len(batch)} prompts"
+            )
         raw.extend(answers)
     out = task_metrics(raw, references)
     if return_predictions:
@@ -223,8 +231,12 @@ def evaluate_adapters(
         examples = load_split(root, task, split)[:limit]
         adapter = adapters[task]
         generate_fn = lambda prompts, adapter=adapter: generate(
-            base, adapter, prompts, max_new_tokens=max_new_tokens,
-            chat_template=chat_template, batch_size=batch_size,
+            base,
+            adapter,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            batch_size=batch_size,
         )
         results[task] = evaluate_task(generate_fn, examples, batch_size=batch_size)
     return results

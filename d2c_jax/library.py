@@ -498,6 +498,10 @@ class _AtomicDirectory:
             raise FileExistsError(f"{self.out_dir} already exists (refusing to overwrite)")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
+        # mkdtemp makes the directory private (0700); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

@@ -20,7 +20,9 @@ to rank r by SVD (`kernels.lowrank`); factor space merges A and B with PEFT's
 coincide.
 
 The expensive, cluster-independent part (trimming / DARE masks) is done once by
-`prepare`; `merged_deltas` / `merged_factors` then merge any membership mask.
+`prepare`; `merged_deltas` / `merged_factors` then merge any membership mask. In
+delta space the prepared library holds every adapter's dense delta: 4 bytes x N x
+L x sum over modules of d_out x d_in (2.1 GB for 40 SmolLM2 q,v adapters).
 DARE's random mask of an adapter depends only on ``MergeConfig.seed`` and the
 adapter's name, so it is the same whichever library or subset the adapter sits in.
 

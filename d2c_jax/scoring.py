@@ -24,7 +24,10 @@ Functions
 * `candidate_nll(...)`: the vmapped kernel, C candidates x their own examples.
 * `score_candidates(base, candidates, bank, example_idx, ...)`: the chunked driver
   (memory bound set by the caller) -> ``[C, M]`` per-example NLL; `task_mean_nll`
-  reduces it per task.
+  reduces it per task. By default each candidate's examples are packed several to a
+  row (`pack_examples`, `packed_nll`: segment-causal attention and restarted RoPE
+  positions, so the result is exact) because dev examples are short.
+* `score_examples(base, adapter, encoded)`: many examples, one adapter (``d2c score``).
 * `generate(base, adapter, prompts, max_new_tokens, chat_template)`: batched greedy
   decoding with a KV cache.
 
@@ -249,8 +252,9 @@ def encode_examples(
     task_ids = task_names = None
     if task_key and all(task_key in ex for ex in examples):
         names: dict[str, int] = {}
-        task_ids = np.asarray([names.setdefault(str(ex[task_key]), len(names)) for ex in examples],
-                              np.int32)
+        task_ids = np.asarray(
+            [names.setdefault(str(ex[task_key]), len(names)) for ex in examples], np.int32
+        )
         task_names = tuple(names)
     return EncodedExamples(
         tokens=tokens,
@@ -292,8 +296,13 @@ def example_nll(
     hidden, _ = forward_hidden(model, tokens, adapter=adapter, scale=scale, final_norm=False)
     norm = lambda h: rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
     return masked_example_nll(
-        hidden, model.head(), tokens, loss_mask,
-        max_labels=max_labels, vocab_chunk=vocab_chunk, final_norm=norm,
+        hidden,
+        model.head(),
+        tokens,
+        loss_mask,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+        final_norm=norm,
     )
 
 
@@ -327,8 +336,9 @@ def candidate_nll(
 
 @functools.partial(jax.jit, static_argnames=("max_labels", "vocab_chunk"))
 def _candidate_nll_jit(base, candidates, scale, tokens, loss_mask, *, max_labels, vocab_chunk):
-    return candidate_nll(base, candidates, scale, tokens, loss_mask,
-                         max_labels=max_labels, vocab_chunk=vocab_chunk)
+    return candidate_nll(
+        base, candidates, scale, tokens, loss_mask, max_labels=max_labels, vocab_chunk=vocab_chunk
+    )
 
 
 # ------------------------------------------------------------------ packing
@@ -402,11 +412,11 @@ def pack_examples(
             e = example_idx[k, col]
             n = int(bank.lengths[e])
             seg_count[k, r] += 1
-            tokens[k, r, s0: s0 + n] = bank.tokens[e, :n]
-            segments[k, r, s0: s0 + n] = seg_count[k, r]
-            positions[k, r, s0: s0 + n] = np.arange(n)
-            loss_mask[k, r, s0: s0 + n] = bank.loss_mask[e, :n]
-            slots[k, r, s0: s0 + n] = col
+            tokens[k, r, s0 : s0 + n] = bank.tokens[e, :n]
+            segments[k, r, s0 : s0 + n] = seg_count[k, r]
+            positions[k, r, s0 : s0 + n] = np.arange(n)
+            loss_mask[k, r, s0 : s0 + n] = bank.loss_mask[e, :n]
+            slots[k, r, s0 : s0 + n] = col
             labels_per_row[k, r] += int(bank.loss_mask[e, :n].sum())
     max_labels = min(round_up(int(labels_per_row.max()), bucket), row_len - 1)
     real = int(bank.lengths[example_idx][example_valid].sum())
@@ -431,18 +441,53 @@ def packed_nll(
     model = getattr(base, "model", base)
     t = tokens.shape[-1]
     mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
-    hidden, _ = forward_hidden(model, tokens, adapter=adapter, scale=scale,
-                               positions=positions, mask=mask, final_norm=False)
+    hidden, _ = forward_hidden(
+        model,
+        tokens,
+        adapter=adapter,
+        scale=scale,
+        positions=positions,
+        mask=mask,
+        final_norm=False,
+    )
     norm = lambda h: rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
-    return packed_example_nll(hidden, model.head(), tokens, loss_mask, slots, num_examples,
-                              max_labels=max_labels, vocab_chunk=vocab_chunk, final_norm=norm)
+    return packed_example_nll(
+        hidden,
+        model.head(),
+        tokens,
+        loss_mask,
+        slots,
+        num_examples,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+        final_norm=norm,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("num_examples", "max_labels", "vocab_chunk"))
-def _packed_candidate_nll_jit(base, candidates, scale, tokens, segments, positions, loss_mask,
-                              slots, *, num_examples, max_labels, vocab_chunk):
-    fn = lambda ad, s, *rows: packed_nll(base, ad, s, *rows, num_examples=num_examples,
-                                         max_labels=max_labels, vocab_chunk=vocab_chunk)
+def _packed_candidate_nll_jit(
+    base,
+    candidates,
+    scale,
+    tokens,
+    segments,
+    positions,
+    loss_mask,
+    slots,
+    *,
+    num_examples,
+    max_labels,
+    vocab_chunk,
+):
+    fn = lambda ad, s, *rows: packed_nll(
+        base,
+        ad,
+        s,
+        *rows,
+        num_examples=num_examples,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+    )
     return jax.vmap(fn)(candidates, scale, tokens, segments, positions, loss_mask, slots)
 
 
@@ -471,8 +516,12 @@ def activation_bytes_per_candidate(
     """
     c = config
     tokens = num_examples * seq_len
-    per_token = (6 * c.hidden_size + 2 * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
-                 + 3 * c.intermediate_size + 2 * c.num_heads * seq_len)
+    per_token = (
+        6 * c.hidden_size
+        + 2 * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim
+        + 3 * c.intermediate_size
+        + 2 * c.num_heads * seq_len
+    )
     head = num_examples * num_labels * (2 * min(vocab_chunk, c.vocab_size) + c.hidden_size)
     return int(itemsize * (tokens * per_token + head))
 
@@ -550,8 +599,7 @@ def score_candidates(
         row_len = pack_len or max(128, longest)
         packed = pack_examples(bank, example_idx, example_valid, row_len, bucket)
         rows, seq_len, max_labels = packed.tokens.shape[1], row_len, packed.max_labels
-        arrays = (packed.tokens, packed.segments, packed.positions, packed.loss_mask,
-                  packed.slots)
+        arrays = (packed.tokens, packed.segments, packed.positions, packed.loss_mask, packed.slots)
     else:
         seq_len = min(longest, bank.tokens.shape[1])
         labels = bank.num_labels[example_idx]
@@ -560,8 +608,9 @@ def score_candidates(
         rows = m
         arrays = (bank.tokens[:, :seq_len][example_idx], bank.loss_mask[:, :seq_len][example_idx])
     if chunk_size is None:
-        per = activation_bytes_per_candidate(base.config, rows, seq_len, max_labels, vocab_chunk,
-                                             base.dtype.itemsize)
+        per = activation_bytes_per_candidate(
+            base.config, rows, seq_len, max_labels, vocab_chunk, base.dtype.itemsize
+        )
         per += candidate_param_bytes(candidates)
         chunk_size = max(1, min(n_cand, max_chunk_bytes // max(per, 1)))
     chunk_size = int(min(chunk_size, n_cand))
@@ -581,31 +630,48 @@ def score_candidates(
             chunk_scale = jnp.ones((chunk_size,), jnp.float32)
         if pack:
             nll = _packed_candidate_nll_jit(
-                base, chunk, chunk_scale, *(a[sel_np] for a in arrays),
-                num_examples=m, max_labels=max_labels, vocab_chunk=vocab_chunk,
+                base,
+                chunk,
+                chunk_scale,
+                *(a[sel_np] for a in arrays),
+                num_examples=m,
+                max_labels=max_labels,
+                vocab_chunk=vocab_chunk,
             )
         else:
             nll = _candidate_nll_jit(
-                base, chunk, chunk_scale, *(a[sel_np] for a in arrays),
-                max_labels=max_labels, vocab_chunk=vocab_chunk,
+                base,
+                chunk,
+                chunk_scale,
+                *(a[sel_np] for a in arrays),
+                max_labels=max_labels,
+                vocab_chunk=vocab_chunk,
             )
         out[lo:hi] = np.asarray(nll)[: hi - lo]
     out[~example_valid] = np.nan
     if return_stats:
         real = int(bank.lengths[example_idx][example_valid].sum())
-        stats = {"chunks": n_chunks, "chunk_size": chunk_size, "packed": pack,
-                 "rows_per_candidate": rows, "seq_len": seq_len, "max_labels": max_labels,
-                 "examples_per_candidate": m, "real_tokens": real,
-                 "computed_tokens": n_cand * rows * seq_len,
-                 "computed_label_positions": n_cand * rows * max_labels}
+        stats = {
+            "chunks": n_chunks,
+            "chunk_size": chunk_size,
+            "packed": pack,
+            "rows_per_candidate": rows,
+            "seq_len": seq_len,
+            "max_labels": max_labels,
+            "examples_per_candidate": m,
+            "real_tokens": real,
+            "computed_tokens": n_cand * rows * seq_len,
+            "computed_label_positions": n_cand * rows * max_labels,
+        }
         return out, stats
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("max_labels", "vocab_chunk"))
 def _example_nll_jit(base, adapter, scale, tokens, loss_mask, *, max_labels, vocab_chunk):
-    return example_nll(base, adapter, scale, tokens, loss_mask,
-                       max_labels=max_labels, vocab_chunk=vocab_chunk)
+    return example_nll(
+        base, adapter, scale, tokens, loss_mask, max_labels=max_labels, vocab_chunk=vocab_chunk
+    )
 
 
 def score_examples(
@@ -632,13 +698,18 @@ def score_examples(
     out = np.empty(m, np.float32)
     scale = jnp.asarray(scale, jnp.float32)
     for lo in range(0, m, batch_size):
-        rows = order[lo: lo + batch_size]
+        rows = order[lo : lo + batch_size]
         take = np.resize(rows, min(batch_size, m))  # pad by repetition
         t_len = min(round_up(int(encoded.lengths[rows].max()), bucket), encoded.tokens.shape[1])
         max_labels = min(round_up(int(labels[rows].max()), bucket), t_len - 1)
         nll = _example_nll_jit(
-            base, params, scale, encoded.tokens[take, :t_len], encoded.loss_mask[take, :t_len],
-            max_labels=max_labels, vocab_chunk=vocab_chunk,
+            base,
+            params,
+            scale,
+            encoded.tokens[take, :t_len],
+            encoded.loss_mask[take, :t_len],
+            max_labels=max_labels,
+            vocab_chunk=vocab_chunk,
         )
         out[rows] = np.asarray(nll)[: len(rows)]
     return out
@@ -740,8 +811,16 @@ def _generate_tokens(base, adapter, scale, tokens, valid, *, max_new_tokens, sto
     slots = jnp.arange(s)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
     mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
-    hidden, cache = forward_hidden(model, tokens, adapter=adapter, scale=scale,
-                                   positions=positions, mask=mask, cache=cache, cache_index=0)
+    hidden, cache = forward_hidden(
+        model,
+        tokens,
+        adapter=adapter,
+        scale=scale,
+        positions=positions,
+        mask=mask,
+        cache=cache,
+        cache_index=0,
+    )
     first = jnp.argmax(logits_from_hidden(model, hidden[:, -1]), axis=-1).astype(jnp.int32)
     n_valid = valid.sum(axis=1).astype(jnp.int32)
     stops = jnp.asarray(stop_ids, jnp.int32)
@@ -757,9 +836,16 @@ def _generate_tokens(base, adapter, scale, tokens, valid, *, max_new_tokens, sto
         done = done | jnp.isin(nxt, stops)
         slot = p + step
         step_mask = key_valid[:, None, :] & (slots <= slot)[None, None, :]
-        h, cache = forward_hidden(model, nxt[:, None], adapter=adapter, scale=scale,
-                                  positions=(n_valid + step)[:, None], mask=step_mask,
-                                  cache=cache, cache_index=slot)
+        h, cache = forward_hidden(
+            model,
+            nxt[:, None],
+            adapter=adapter,
+            scale=scale,
+            positions=(n_valid + step)[:, None],
+            mask=step_mask,
+            cache=cache,
+            cache_index=slot,
+        )
         nxt = jnp.argmax(logits_from_hidden(model, h[:, 0]), axis=-1).astype(jnp.int32)
         return step + 1, cache, nxt, done, out
 
@@ -798,8 +884,12 @@ def generate(
         check_adapter(base.config, params)
     tok = base.tokenizer
     if chat_template:
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in prompts]
+        texts = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
         ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
     else:
         ids = tok(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []
@@ -807,7 +897,7 @@ def generate(
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
     results: list[str] = []
     for lo in range(0, len(ids), batch_size):
-        group = ids[lo: lo + batch_size]
+        group = ids[lo : lo + batch_size]
         longest = max(len(x) for x in group)
         if longest + max_new_tokens > base.config.max_position_embeddings:
             raise ValueError(
@@ -821,12 +911,19 @@ def generate(
         valid = np.zeros((b, p_len), bool)
         for i in range(b):
             x = group[min(i, rows - 1)]
-            tokens[i, p_len - len(x):] = x
-            valid[i, p_len - len(x):] = True
-        out = np.asarray(_generate_tokens(
-            base, params, jnp.asarray(scale, jnp.float32), tokens, valid,
-            max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-        ))
+            tokens[i, p_len - len(x) :] = x
+            valid[i, p_len - len(x) :] = True
+        out = np.asarray(
+            _generate_tokens(
+                base,
+                params,
+                jnp.asarray(scale, jnp.float32),
+                tokens,
+                valid,
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+            )
+        )
         for row in out[:rows]:
             row = list(row)
             cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))

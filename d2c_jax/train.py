@@ -73,14 +73,14 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     learning_rate: float = 2e-3
     warmup_steps: int = 20
-    max_steps: int = 500
+    max_steps: int = 400
     batch_size: int = 8
     weight_decay: float = 0.0
     val_examples: int = 48
     eval_every: int = 25
-    stop_nll: float = 0.02
-    patience: int = 4
-    min_improvement: float = 0.02
+    stop_nll: float = 0.05
+    patience: int = 3
+    min_improvement: float = 0.05
     checkpoint_every: int = 50
     seed: int = 0
 

@@ -146,8 +146,15 @@ def masked_example_nll(
 
     Examples without any label get NLL 0.
     """
-    nll, valid, _ = label_nll(hidden, head, tokens, loss_mask, max_labels=max_labels,
-                              vocab_chunk=vocab_chunk, final_norm=final_norm)
+    nll, valid, _ = label_nll(
+        hidden,
+        head,
+        tokens,
+        loss_mask,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+        final_norm=final_norm,
+    )
     count = valid.sum(axis=1).astype(jnp.float32)
     return nll.sum(axis=1) / jnp.maximum(count, 1.0)
 
@@ -170,11 +177,19 @@ def packed_example_nll(
     example (``0..num_examples-1``) each token belongs to (any value on padding, which
     has no labels). Label NLLs are summed per example with a segment sum.
     """
-    nll, valid, pos = label_nll(hidden, head, tokens, loss_mask, max_labels=max_labels,
-                                vocab_chunk=vocab_chunk, final_norm=final_norm)
+    nll, valid, pos = label_nll(
+        hidden,
+        head,
+        tokens,
+        loss_mask,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+        final_norm=final_norm,
+    )
     slot = jnp.take_along_axis(slots[:, 1:], pos, axis=1)
     slot = jnp.where(valid, slot, num_examples).reshape(-1)
     sums = jax.ops.segment_sum(nll.reshape(-1), slot, num_segments=num_examples + 1)
-    counts = jax.ops.segment_sum(valid.reshape(-1).astype(jnp.float32), slot,
-                                 num_segments=num_examples + 1)
+    counts = jax.ops.segment_sum(
+        valid.reshape(-1).astype(jnp.float32), slot, num_segments=num_examples + 1
+    )
     return sums[:num_examples] / jnp.maximum(counts[:num_examples], 1.0)

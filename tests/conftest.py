@@ -109,12 +109,24 @@ def random_lora(config, modules=("q_proj", "v_proj"), rank=4, n=None, seed=0, st
 
 
 TINY_TASKS = {
-    "upper": [("shout: cat", "CAT"), ("shout: dog", "DOG"), ("shout: sun", "SUN"),
-              ("shout: sky", "SKY")],
-    "reverse": [("reverse: abc", "cba"), ("reverse: hello", "olleh"), ("reverse: jax", "xaj"),
-                ("reverse: tree", "eert")],
-    "count": [("count: a b c", "3"), ("count: x y", "2"), ("count: p q r s", "4"),
-              ("count: z", "1")],
+    "upper": [
+        ("shout: cat", "CAT"),
+        ("shout: dog", "DOG"),
+        ("shout: sun", "SUN"),
+        ("shout: sky", "SKY"),
+    ],
+    "reverse": [
+        ("reverse: abc", "cba"),
+        ("reverse: hello", "olleh"),
+        ("reverse: jax", "xaj"),
+        ("reverse: tree", "eert"),
+    ],
+    "count": [
+        ("count: a b c", "3"),
+        ("count: x y", "2"),
+        ("count: p q r s", "4"),
+        ("count: z", "1"),
+    ],
 }
 
 

@@ -32,7 +32,10 @@ def tiny_setup(tmp_path_factory, tiny_hf_dir, tiny_config):
         save_peft_adapter(
             root / "library" / name,
             {m: {f: jnp.asarray(x[i]) for f, x in fs.items()} for m, fs in params.items()},
-            rank=4, alpha=8, base_model="tiny-llama", dtype=jnp.float32,
+            rank=4,
+            alpha=8,
+            base_model="tiny-llama",
+            dtype=jnp.float32,
         )
         (root / "examples" / name).mkdir(parents=True)
         lines = [
@@ -45,9 +48,26 @@ def tiny_setup(tmp_path_factory, tiny_hf_dir, tiny_config):
 
 def cluster_args(root, hf_dir, out, *extra):
     return [
-        "cluster", "--base", str(hf_dir), "--library", str(root / "library"),
-        "--examples", str(root / "examples"), "--budget", "25%", "--init", "random",
-        "--merge", "ties", "--density", "0.5", "--seed", "3", "--out", str(out), *extra,
+        "cluster",
+        "--base",
+        str(hf_dir),
+        "--library",
+        str(root / "library"),
+        "--examples",
+        str(root / "examples"),
+        "--budget",
+        "25%",
+        "--init",
+        "random",
+        "--merge",
+        "ties",
+        "--density",
+        "0.5",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *extra,
     ]
 
 
@@ -109,7 +129,9 @@ def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
     full = tmp_path / "full"
     subprocess.run(
         [*command, *cluster_args(root, hf_dir, full, "--method", "d2c")],
-        check=True, env=env, capture_output=True,
+        check=True,
+        env=env,
+        capture_output=True,
     )
     log = (full / "log.jsonl").read_text().splitlines()
     assert len(log) >= 3, "the search must run several iterations for the kill to land mid-way"
@@ -117,7 +139,9 @@ def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     checkpoints = killed / ".search" / "ckpt"
     deadline = time.time() + 300
@@ -132,7 +156,9 @@ def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
 
     subprocess.run(
         [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c", "--resume")],
-        check=True, env=env, capture_output=True,
+        check=True,
+        env=env,
+        capture_output=True,
     )
     assert (killed / "assignment.json").read_text() == (full / "assignment.json").read_text()
     resumed_log = [json.loads(line) for line in (killed / "log.jsonl").read_text().splitlines()]

@@ -60,7 +60,10 @@ def test_batched_equals_one_at_a_time_and_reference(tiny_base, small_problem, sc
         bool,
     )
     objective = DevObjective(
-        tiny_base, library, examples, TIES,
+        tiny_base,
+        library,
+        examples,
+        TIES,
         ObjectiveConfig(score_deployed=score_deployed, candidates_per_call=3),
     )
     batched = objective.task_losses(masks)
@@ -72,8 +75,12 @@ def test_batched_equals_one_at_a_time_and_reference(tiny_base, small_problem, sc
     # single-adapter loss function.
     for c, mask in enumerate(masks):
         merged = merging.merge(
-            library.params, library.scale, jnp.asarray(mask[None], jnp.float32), TIES,
-            names=library.names, return_delta=True,
+            library.params,
+            library.scale,
+            jnp.asarray(mask[None], jnp.float32),
+            TIES,
+            names=library.names,
+            return_delta=True,
         )
         if score_deployed:
             adapter = jax.tree.map(lambda x: x[0], merged.params)
@@ -95,7 +102,7 @@ def test_examples_must_cover_the_library(tiny_base, small_problem):
         DevObjective(tiny_base, library, extra, TIES)
 
 
-def planted_problem(tiny_base, make_lora):
+def planted_problem(tiny_base):
     """A library where parameter similarity and data disagree.
 
     The base model's o_proj ignores attention heads 0-1, which read KV head 0, so
@@ -122,9 +129,7 @@ def planted_problem(tiny_base, make_lora):
     direction = {k: 3.0 * rng.normal(size=(layers, head, rank)).astype(np.float32) for k in "UV"}
     big = 30.0 * rng.normal(size=(layers, head, rank)).astype(np.float32)
     params_a, params_b = [], []
-    for name, (vis, with_w) in {
-        "a0": ("U", False), "a1": ("U", True), "b0": ("V", False), "b1": ("V", True),
-    }.items():
+    for vis, with_w in (("U", False), ("U", True), ("V", False), ("V", True)):
         b = np.zeros((layers, config.num_kv_heads * head, rank), np.float32)
         b[:, visible] = direction[vis]
         if with_w:
@@ -132,9 +137,7 @@ def planted_problem(tiny_base, make_lora):
         params_a.append(a)
         params_b.append(b)
     names = ["a0", "a1", "b0", "b1"]
-    library = library_from(
-        {"v_proj": {"A": np.stack(params_a), "B": np.stack(params_b)}}, names
-    )
+    library = library_from({"v_proj": {"A": np.stack(params_a), "B": np.stack(params_b)}}, names)
     prompts = [f"say {w}" for w in ["cat", "dog", "sun", "sky", "tree", "lora"]]
     examples = {}
     for i, name in enumerate(names):
@@ -145,8 +148,8 @@ def planted_problem(tiny_base, make_lora):
     return base, library, examples
 
 
-def test_d2c_beats_kmeans_on_planted_library(tiny_base, make_lora):
-    base, library, examples = planted_problem(tiny_base, make_lora)
+def test_d2c_beats_kmeans_on_planted_library(tiny_base):
+    base, library, examples = planted_problem(tiny_base)
     merge = MergeConfig(method="linear", space="delta")
     objective = DevObjective(base, library, examples, merge)
 

@@ -68,8 +68,7 @@ def test_chrf_matches_sacrebleu():
         assert chrf([p], [r]) == pytest.approx(sacrebleu.sentence_chrf(p, [r]).score)
     # predictions are normalised first (an empty answer followed by text counts as that text)
     raw = ["\n  " + p + ("\nmore" if p else "  \n") for p in preds]
-    assert chrf(raw, refs) == pytest.approx(
-        sacrebleu.corpus_chrf(preds, [refs]).score)
+    assert chrf(raw, refs) == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score)
 
 
 def test_task_score_and_metrics():
@@ -122,8 +121,10 @@ def test_evaluate_task_batches_and_normalises():
     def generate_fn(prompts):
         calls.append(list(prompts))
         # blank lines first (as the base model does), a wrong answer for p6
-        return [("\n\n" + p.replace("p", "t") + "\nchatter") if p != "p6" else "\nwrong"
-                for p in prompts]
+        return [
+            ("\n\n" + p.replace("p", "t") + "\nchatter") if p != "p6" else "\nwrong"
+            for p in prompts
+        ]
 
     m = evaluate_task(generate_fn, examples, batch_size=3, return_predictions=True)
     assert calls == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]
@@ -132,7 +133,8 @@ def test_evaluate_task_batches_and_normalises():
     preds = [f"t{i}" for i in range(6)] + ["wrong"]
     assert m["predictions"] == preds
     assert m["chrf"] == pytest.approx(
-        sacrebleu.corpus_chrf(preds, [[e["target"] for e in examples]]).score)
+        sacrebleu.corpus_chrf(preds, [[e["target"] for e in examples]]).score
+    )
     assert m["score"] == pytest.approx(task_score(6 / 7, m["chrf"]))
     assert "predictions" not in evaluate_task(generate_fn, examples, batch_size=16)
 

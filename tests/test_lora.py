@@ -20,22 +20,29 @@ def test_factor_term_equals_dense_update():
     want = x[0] @ (w + s[0] * bb[0] @ a[0]).T + b
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     delta = dense_delta({"A": a[0], "B": bb[0]}, s[0])
-    np.testing.assert_allclose(lora_term(x[0], {"delta": delta}), x[0] @ delta.T, rtol=1e-5,
-                               atol=1e-5)
-    np.testing.assert_allclose(lora_term(x[0], {"delta": delta}, 123.0),
-                               lora_term(x[0], {"A": a[0], "B": bb[0]}, s[0]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        lora_term(x[0], {"delta": delta}), x[0] @ delta.T, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        lora_term(x[0], {"delta": delta}, 123.0),
+        lora_term(x[0], {"A": a[0], "B": bb[0]}, s[0]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_candidate_axis_equals_loop():
     x, w, b, a, bb, s = _data(1)
     got = multi_lora_linear(x, w, b, {"A": a, "B": bb}, s)
     for c in range(x.shape[0]):
-        np.testing.assert_allclose(got[c], lora_linear(x[c], w, b, {"A": a[c], "B": bb[c]}, s[c]),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            got[c], lora_linear(x[c], w, b, {"A": a[c], "B": bb[c]}, s[c]), rtol=1e-5, atol=1e-5
+        )
     deltas = dense_delta({"A": a, "B": bb}, s)
     assert deltas.shape == (3, 7, 12)
-    np.testing.assert_allclose(multi_lora_linear(x, w, None, {"delta": deltas}), got - b,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        multi_lora_linear(x, w, None, {"delta": deltas}), got - b, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_gradients_flow_to_factors_only_through_the_term():

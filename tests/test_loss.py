@@ -21,8 +21,9 @@ def test_token_nll_matches_full_softmax(chunk):
     h = rng.standard_normal((20, 16)).astype(np.float32)
     head = (3 * rng.standard_normal((259, 16))).astype(np.float32)
     labels = rng.integers(0, 259, 20)
-    np.testing.assert_allclose(token_nll(h, head, labels, chunk), full_nll(h, head, labels),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        token_nll(h, head, labels, chunk), full_nll(h, head, labels), rtol=1e-5, atol=1e-5
+    )
     g = jax.grad(lambda h: token_nll(h, head, labels, chunk).sum())(h)
     want = jax.grad(lambda h: full_nll(h, head, labels).sum())(h)
     np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-5)
@@ -40,8 +41,11 @@ def test_label_positions_and_compaction():
     head = rng.standard_normal((50, 8)).astype(np.float32)
     tokens = rng.integers(0, 50, (2, 6))
     full = masked_example_nll(hidden, head, tokens, mask)
-    np.testing.assert_allclose(masked_example_nll(hidden, head, tokens, mask, max_labels=3,
-                                                  vocab_chunk=16), full, rtol=1e-5)
+    np.testing.assert_allclose(
+        masked_example_nll(hidden, head, tokens, mask, max_labels=3, vocab_chunk=16),
+        full,
+        rtol=1e-5,
+    )
     # by hand: label t predicted from position t - 1
     ref = full_nll(hidden[0, 1:3], head, tokens[0, 2:4]).mean()
     np.testing.assert_allclose(full[0], ref, rtol=1e-5)

@@ -51,3 +51,12 @@ def test_bad_shapes_raise():
         factors_to_delta(jnp.zeros((2, 4, 5)), jnp.zeros((2, 6, 4)), jnp.ones(3))
     with pytest.raises(ValueError, match="rank"):
         delta_to_factors(jnp.zeros((6, 5)), 6)
+
+
+def test_zero_and_low_rank_deltas_give_finite_factors():
+    a, b = delta_to_factors(jnp.zeros((3, 6, 5)), 2)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and not np.any(b @ a)
+    rank_one = np.outer(np.arange(1.0, 7.0), np.ones(5)).astype(np.float32)
+    a, b = delta_to_factors(jnp.asarray(rank_one), 3)  # rank 3 asked of a rank-1 delta
+    np.testing.assert_allclose(b @ a, rank_one, rtol=1e-5, atol=1e-5)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))

@@ -358,3 +358,22 @@ def test_kernel_shape_errors():
         km.merge_deltas(
             deltas, jnp.ones((2, 3)), jnp.ones(3), MergeConfig("dare_linear", density=0.5)
         )
+
+
+def test_factor_global_trim_runs_over_all_modules_separately_for_a_and_b():
+    rng = np.random.default_rng(1)
+    factors = {
+        m: {
+            "A": jnp.asarray(rng.standard_normal((2, 3, 4, 10)), jnp.float32),
+            "B": jnp.asarray(0.01 * rng.standard_normal((2, 3, d_out, 4)), jnp.float32),
+        }
+        for m, d_out in (("q_proj", 10), ("v_proj", 6))
+    }
+    config = MergeConfig("ties", space="factor", density=0.3, trim="global")
+    prepared = km.prepare_factors(factors, config)
+    for side in "AB":  # B is 100x smaller than A, yet keeps its own 30%
+        kept = sum(
+            np.count_nonzero(np.asarray(prepared[m][side]).reshape(2, -1), axis=1) for m in factors
+        )
+        total = sum(factors[m][side][0].size for m in factors)
+        assert np.all(kept == int(0.3 * total))

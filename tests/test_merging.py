@@ -137,7 +137,7 @@ def _config(method, space, density=0.5, **kwargs):
 
 METHODS = ["ties", "linear", "task_arithmetic", "dare_ties", "dare_linear", "magnitude_prune"]
 PROPERTY_SETTINGS = settings(
-    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 

@@ -35,8 +35,10 @@ def torch_model(config, weights):
     """transformers' LlamaForCausalLM / Qwen2ForCausalLM holding the same weights."""
     tcfg = transformers.AutoConfig.for_model(**config.to_hf())
     model = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32).eval()
-    state = {"model.embed_tokens.weight": weights["embed"],
-             "model.norm.weight": weights["final_norm"]}
+    state = {
+        "model.embed_tokens.weight": weights["embed"],
+        "model.norm.weight": weights["final_norm"],
+    }
     if "lm_head" in weights:
         state["lm_head.weight"] = weights["lm_head"]
     for key, stacked in weights["layers"].items():
@@ -55,8 +57,13 @@ def torch_logits(model, ids):
         return model(torch.from_numpy(np.asarray(ids)).long()).logits.numpy()
 
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 
 @pytest.mark.parametrize(
@@ -148,9 +155,17 @@ def write_tiny_gguf(path, config, weights, tokenizer):
     writer.add_chat_template(tokenizer.chat_template)
     writer.add_tensor("token_embd.weight", weights["embed"])
     writer.add_tensor("output_norm.weight", weights["final_norm"])
-    names = {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", "q_proj": "attn_q",
-             "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    names = {
+        "attn_norm": "attn_norm",
+        "mlp_norm": "ffn_norm",
+        "q_proj": "attn_q",
+        "k_proj": "attn_k",
+        "v_proj": "attn_v",
+        "o_proj": "attn_output",
+        "gate_proj": "ffn_gate",
+        "up_proj": "ffn_up",
+        "down_proj": "ffn_down",
+    }
     for layer in range(config.num_layers):
         for key, gname in names.items():
             w = weights["layers"][key][layer]
@@ -212,7 +227,10 @@ def test_base_model_is_a_pytree(tiny_base):
     again = jax.tree.unflatten(treedef, leaves)
     assert isinstance(again, BaseModel) and again.tokenizer is tiny_base.tokenizer
     assert tiny_base.module_shapes(("q_proj", "k_proj", "down_proj")) == {
-        "q_proj": (64, 64), "k_proj": (32, 64), "down_proj": (64, 128)}
+        "q_proj": (64, 64),
+        "k_proj": (32, 64),
+        "down_proj": (64, 128),
+    }
 
 
 # ------------------------------------------------------------------ the real model
@@ -234,8 +252,9 @@ def test_default_model_facts(real_base):
     # SmolLM2 splits digits one by one before byte-level BPE
     ids = tok("12345", add_special_tokens=False)["input_ids"]
     assert tok.convert_ids_to_tokens(ids) == ["1", "2", "3", "4", "5"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -267,8 +286,13 @@ def test_real_model_matches_transformers(real_base, tmp_path):
 def test_real_model_answers_paris(real_base):
     from d2c_jax.scoring import generate
 
-    out = generate(real_base, None, ["What is the capital of France?", "Name a primary color."],
-                   max_new_tokens=16, chat_template=True)
+    out = generate(
+        real_base,
+        None,
+        ["What is the capital of France?", "Name a primary color."],
+        max_new_tokens=16,
+        chat_template=True,
+    )
     assert "Paris" in out[0], out
 
 
@@ -288,7 +312,7 @@ def test_real_model_nll_is_sane(real_base):
     mask = np.zeros((len(ids), t_len), np.float32)
     for i, x in enumerate(ids):
         tokens[i, : len(x)] = x
-        mask[i, 1: len(x)] = 1.0
+        mask[i, 1 : len(x)] = 1.0
     nll = np.asarray(jax.jit(example_nll)(real_base, None, 1.0, tokens, mask))
     # plain English under a 135M instruct model: ~2-3.5 nats/token (uniform would be 10.8;
     # the q/k permutation bug gives ~3.5 on such text but breaks chat answers)

@@ -40,8 +40,10 @@ def write_jsonl(path, rows):
 
 
 def test_read_examples_ok(tmp_path):
-    path = write_jsonl(tmp_path / "ex.jsonl", [{"prompt": "a", "target": "b", "task": "t"}, "",
-                                               {"prompt": "", "target": "c"}])
+    path = write_jsonl(
+        tmp_path / "ex.jsonl",
+        [{"prompt": "a", "target": "b", "task": "t"}, "", {"prompt": "", "target": "c"}],
+    )
     ex = read_examples(path)
     assert [(e["prompt"], e["target"], e["_line"]) for e in ex] == [("a", "b", 1), ("", "c", 3)]
 
@@ -88,14 +90,16 @@ def test_encode_follows_the_contract(tiny_base, tiny_examples):
 
 def test_encode_errors(tiny_base):
     with pytest.raises(ExampleError, match="example 1 .line 7.: empty target"):
-        encode_examples(tiny_base, [{"prompt": "a", "target": "b"}, {"prompt": "a", "target": "",
-                                                                      "_line": 7}])
+        encode_examples(
+            tiny_base, [{"prompt": "a", "target": "b"}, {"prompt": "a", "target": "", "_line": 7}]
+        )
     long = {"prompt": "x" * 300, "target": "y", "_line": 3}
     with pytest.raises(ExampleError, match=r"example 0 \(line 3\): 303 tokens .* context of 256"):
         encode_examples(tiny_base, [long])
     with pytest.raises(ExampleError, match="context of 10"):
-        encode_examples(tiny_base.tokenizer, [{"prompt": "abcdefghij", "target": "k"}],
-                        max_length=10)
+        encode_examples(
+            tiny_base.tokenizer, [{"prompt": "abcdefghij", "target": "k"}], max_length=10
+        )
 
 
 def test_padding_never_changes_a_loss(tiny_base, tiny_examples, make_lora):
@@ -111,7 +115,7 @@ def test_padding_never_changes_a_loss(tiny_base, tiny_examples, make_lora):
     np.testing.assert_allclose(c[:1], a, rtol=1e-5)
     # the pad token id does not matter either
     other = padded.tokens.copy()
-    other[:, padded.lengths[0]:] = 77
+    other[:, padded.lengths[0] :] = 77
     np.testing.assert_allclose(f(tiny_base, lora, 2.0, other, padded.loss_mask), a, rtol=1e-5)
 
 
@@ -119,8 +123,15 @@ def test_max_labels_compaction_is_exact(tiny_base, tiny_examples, make_lora):
     lora = make_lora(tiny_base.config)
     enc = encode_examples(tiny_base, tiny_examples)
     full = example_nll(tiny_base, lora, 2.0, enc.tokens, enc.loss_mask)
-    compact = example_nll(tiny_base, lora, 2.0, enc.tokens, enc.loss_mask,
-                          max_labels=int(enc.num_labels.max()), vocab_chunk=100)
+    compact = example_nll(
+        tiny_base,
+        lora,
+        2.0,
+        enc.tokens,
+        enc.loss_mask,
+        max_labels=int(enc.num_labels.max()),
+        vocab_chunk=100,
+    )
     np.testing.assert_allclose(compact, full, rtol=1e-5)
 
 
@@ -156,8 +167,12 @@ def peft_to_ours(model, config, modules):
         group = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
         key = "base_model.model.model.layers.{}.{}.{}.lora_{}.weight"
         out[m] = {
-            f: np.stack([state[key.format(layer, group, m, f)].numpy()
-                         for layer in range(config.num_layers)])
+            f: np.stack(
+                [
+                    state[key.format(layer, group, m, f)].numpy()
+                    for layer in range(config.num_layers)
+                ]
+            )
             for f in "AB"
         }
     return out
@@ -174,14 +189,16 @@ def test_nll_and_grads_match_transformers_peft(tiny_base, tiny_hf_dir, tiny_exam
     # gradients of the mean loss w.r.t. the factors (what the trainer uses)
     want.mean().backward()
     grads = jax.grad(lambda ad: example_nll(tiny_base, ad, 2.0, enc.tokens, enc.loss_mask).mean())(
-        lora)
+        lora
+    )
     for name, p in model.named_parameters():
         if "lora_" in name:
             layer = int(name.split("layers.")[1].split(".")[0])
             module = next(m for m in modules if f".{m}." in name)
             factor = "A" if "lora_A" in name else "B"
-            np.testing.assert_allclose(np.asarray(grads[module][factor][layer]), p.grad.numpy(),
-                                       atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(
+                np.asarray(grads[module][factor][layer]), p.grad.numpy(), atol=2e-5, rtol=1e-4
+            )
 
 
 # ------------------------------------------------------------------ candidate scoring
@@ -196,26 +213,37 @@ def test_vmapped_candidates_equal_scoring_each_alone(tiny_base, tiny_examples, m
     valid = np.ones_like(idx, bool)
     valid[2, 4] = False
     one = jax.jit(example_nll)
-    alone = np.stack([
-        np.asarray(one(tiny_base, jax.tree.map(lambda x, c=c: x[c], stack), scale[c],
-                       bank.tokens[idx[c]], bank.loss_mask[idx[c]]))
-        for c in range(3)
-    ])
+    alone = np.stack(
+        [
+            np.asarray(
+                one(
+                    tiny_base,
+                    jax.tree.map(lambda x, c=c: x[c], stack),
+                    scale[c],
+                    bank.tokens[idx[c]],
+                    bank.loss_mask[idx[c]],
+                )
+            )
+            for c in range(3)
+        ]
+    )
     alone[~valid] = np.nan
     kernel = jax.jit(candidate_nll)(tiny_base, stack, scale, bank.tokens[idx], bank.loss_mask[idx])
     np.testing.assert_allclose(np.where(valid, kernel, np.nan), alone, rtol=1e-5)
     got = score_candidates(tiny_base, stack, bank, idx, valid, scale=scale, chunk_size=2)
     np.testing.assert_allclose(got, alone, rtol=1e-5)
     # packing several examples per row (here 2-3 per row of 48) is exact
-    got, stats = score_candidates(tiny_base, stack, bank, idx, valid, scale=scale, pack_len=48,
-                                  return_stats=True)
+    got, stats = score_candidates(
+        tiny_base, stack, bank, idx, valid, scale=scale, pack_len=48, return_stats=True
+    )
     assert stats["rows_per_candidate"] < idx.shape[1]
     np.testing.assert_allclose(got, alone, rtol=1e-5)
     got = score_candidates(tiny_base, stack, bank, idx, valid, scale=scale, pack=False)
     np.testing.assert_allclose(got, alone, rtol=1e-5)
     # tiny memory bound -> one candidate per call (the last chunk of 2 is padded), same numbers
-    got, stats = score_candidates(tiny_base, stack, bank, idx, valid, scale=scale,
-                                  max_chunk_bytes=1, return_stats=True)
+    got, stats = score_candidates(
+        tiny_base, stack, bank, idx, valid, scale=scale, max_chunk_bytes=1, return_stats=True
+    )
     assert stats["chunk_size"] == 1 and stats["chunks"] == 3
     np.testing.assert_allclose(got, alone, rtol=1e-5)
     # dense deltas (scale folded in) give the same losses as the factors
@@ -293,8 +321,9 @@ def test_generation_with_kv_cache_matches_plain_greedy(tiny_base, make_lora):
     lora = make_lora(tiny_base.config, seed=3)
     prompts = ["hi", "a much longer prompt here", "mid size"]
     for adapter in (None, lora):
-        outs = generate(tiny_base, adapter, prompts, max_new_tokens=6, chat_template=False,
-                        scale=2.0)
+        outs = generate(
+            tiny_base, adapter, prompts, max_new_tokens=6, chat_template=False, scale=2.0
+        )
         for prompt, out in zip(prompts, outs, strict=True):
             ref = greedy_without_cache(tiny_base, adapter, 2.0, tok(prompt)["input_ids"], 6)
             stops = {tok.eos_token_id, 0}
@@ -316,14 +345,28 @@ def peft_dir(tmp_path, tiny_hf_dir):
     return model, out
 
 
-def test_cli_score_matches_transformers_peft(tmp_path, tiny_base, tiny_hf_dir, tiny_examples,
-                                             peft_dir, capsys):
+def test_cli_score_matches_transformers_peft(
+    tmp_path, tiny_base, tiny_hf_dir, tiny_examples, peft_dir, capsys
+):
     model, adapter_dir = peft_dir
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     examples = write_jsonl(tmp_path / "ex.jsonl", tiny_examples)
     out = tmp_path / "scores.json"
-    code = cli_main(["score", "--base", str(tiny_hf_dir), "--adapter", str(adapter_dir),
-                     "--examples", str(examples), "--out", str(out), "--batch-size", "5"])
+    code = cli_main(
+        [
+            "score",
+            "--base",
+            str(tiny_hf_dir),
+            "--adapter",
+            str(adapter_dir),
+            "--examples",
+            str(examples),
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     enc = encode_examples(tiny_base, tiny_examples)
@@ -351,16 +394,32 @@ def test_cli_errors(tmp_path, tiny_hf_dir, tiny_examples, peft_dir, capsys):
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-360M"
     cfg_path.write_text(json.dumps(cfg))
-    cases.append((["--base", str(tiny_hf_dir), "--adapter", str(adapter_dir), "--examples",
-                   str(good)], "trained for base model 'HuggingFaceTB/SmolLM2-360M'"))
+    cases.append(
+        (
+            ["--base", str(tiny_hf_dir), "--adapter", str(adapter_dir), "--examples", str(good)],
+            "trained for base model 'HuggingFaceTB/SmolLM2-360M'",
+        )
+    )
     for args, message in cases:
         assert cli_main(["score", *args]) == 2
         assert message in capsys.readouterr().err
 
 
 def test_cli_generate(tiny_hf_dir, capsys):
-    code = cli_main(["generate", "--base", str(tiny_hf_dir), "--prompt", "hello", "--prompt", "x",
-                     "--max-new-tokens", "4", "--json"])
+    code = cli_main(
+        [
+            "generate",
+            "--base",
+            str(tiny_hf_dir),
+            "--prompt",
+            "hello",
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert [o["prompt"] for o in out] == ["hello", "x"]

@@ -89,8 +89,10 @@ def test_language_visible(shipped):
         if task_type in ("numwords", "date", "units"):
             assert all(language_name(lang) in r["prompt"] for r in splits["dev"])
     for task_type in TASK_TYPES:
-        targets = {lang: {r["target"] for r in shipped[f"{task_type}_{lang}"]["train"]}
-                   for lang in LANGUAGES}
+        targets = {
+            lang: {r["target"] for r in shipped[f"{task_type}_{lang}"]["train"]}
+            for lang in LANGUAGES
+        }
         for a in LANGUAGES:
             for b in LANGUAGES:
                 if a < b:
@@ -125,13 +127,16 @@ def test_generation_independent_of_hash_seed():
     outputs = []
     for hash_seed in ("0", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         outputs.append(run.stdout)
     assert outputs[0] == outputs[1]
     shipped_digest = {
-        t: hashlib.sha256(json.dumps({s: load_split(None, t, s) for s in SPLITS}).encode())
-        .hexdigest() for t in list_tasks()
+        t: hashlib.sha256(
+            json.dumps({s: load_split(None, t, s) for s in SPLITS}).encode()
+        ).hexdigest()
+        for t in list_tasks()
     }
     assert outputs[0] == "".join(f"{t} {d}\n" for t, d in shipped_digest.items())
 
@@ -176,8 +181,10 @@ def test_examples_follow_their_rules(shipped):
             locale = tasks.generators.LANGUAGE_INFO[lang][1]
             expected = format_date(datetime.date.fromisoformat(iso), "long", locale=locale)
             assert row["target"] == tasks.generators.clean(expected)
-    assert tasks.generators.clean(
-        format_date(datetime.date(2023, 4, 17), "long", locale="pl_PL")) == "17 kwietnia 2023"
+    assert (
+        tasks.generators.clean(format_date(datetime.date(2023, 4, 17), "long", locale="pl_PL"))
+        == "17 kwietnia 2023"
+    )
 
 
 @pytest.mark.slow

@@ -18,8 +18,17 @@ from d2c_jax.scoring import encode_examples, example_nll
 from d2c_jax.train import LoraTrainer, TrainConfig, batch_indices, init_lora, train_library
 
 CONFIG = TrainConfig(
-    rank=4, alpha=8, max_steps=40, batch_size=4, val_examples=8, eval_every=10,
-    warmup_steps=5, learning_rate=1e-2, checkpoint_every=5, stop_nll=0.0, patience=100,
+    rank=4,
+    alpha=8,
+    max_steps=40,
+    batch_size=4,
+    val_examples=8,
+    eval_every=10,
+    warmup_steps=5,
+    learning_rate=1e-2,
+    checkpoint_every=5,
+    stop_nll=0.0,
+    patience=100,
 )
 
 
@@ -27,9 +36,7 @@ def copy_task(n=40, seed=0):
     """Targets repeat the prompt's word: learnable by a tiny model in tens of steps."""
     rng = np.random.default_rng(seed)
     words = ["ab", "cd", "ef", "gh", "ij", "kl"]
-    return [
-        {"prompt": f"copy {w}:", "target": w} for w in rng.choice(words, size=n).tolist()
-    ]
+    return [{"prompt": f"copy {w}:", "target": w} for w in rng.choice(words, size=n).tolist()]
 
 
 def test_init_matches_peft_defaults(tiny_base):
@@ -81,10 +88,34 @@ def test_too_few_examples_is_a_clear_error(tiny_base):
 
 def _train_cmd(hf_dir, tasks_dir, out):
     return [
-        sys.executable, "-m", "d2c_jax.cli", "train", "--base", str(hf_dir),
-        "--tasks", str(tasks_dir), "--out", str(out), "--rank", "4", "--alpha", "8",
-        "--max-steps", "60", "--batch-size", "4", "--eval-every", "10", "--stop-nll", "0",
-        "--patience", "100", "--learning-rate", "1e-2", "--warmup-steps", "5",
+        sys.executable,
+        "-m",
+        "d2c_jax.cli",
+        "train",
+        "--base",
+        str(hf_dir),
+        "--tasks",
+        str(tasks_dir),
+        "--out",
+        str(out),
+        "--rank",
+        "4",
+        "--alpha",
+        "8",
+        "--max-steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "10",
+        "--stop-nll",
+        "0",
+        "--patience",
+        "100",
+        "--learning-rate",
+        "1e-2",
+        "--warmup-steps",
+        "5",
     ]
 
 
@@ -96,12 +127,16 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_hf_dir, tmp_path):
         (tasks_dir / name / "train.jsonl").write_text("\n".join(lines) + "\n")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     subprocess.run(
-        _train_cmd(tiny_hf_dir, tasks_dir, tmp_path / "full"), check=True, env=env,
+        _train_cmd(tiny_hf_dir, tasks_dir, tmp_path / "full"),
+        check=True,
+        env=env,
         capture_output=True,
     )
     proc = subprocess.Popen(
-        _train_cmd(tiny_hf_dir, tasks_dir, tmp_path / "killed"), env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _train_cmd(tiny_hf_dir, tasks_dir, tmp_path / "killed"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     checkpoints = tmp_path / "killed" / ".checkpoints" / "copy_b"
     deadline = time.time() + 300
@@ -112,7 +147,9 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_hf_dir, tmp_path):
     assert (tmp_path / "killed" / "copy_a" / "train_record.json").is_file()
     assert not (tmp_path / "killed" / "copy_b").exists()
     subprocess.run(
-        _train_cmd(tiny_hf_dir, tasks_dir, tmp_path / "killed"), check=True, env=env,
+        _train_cmd(tiny_hf_dir, tasks_dir, tmp_path / "killed"),
+        check=True,
+        env=env,
         capture_output=True,
     )
     full = AdapterLibrary.load(tmp_path / "full")

@@ -66,6 +66,7 @@ class CachedObjective:
 
     def __init__(self, objective: Objective):
         self.objective = objective
+        self.num_tasks = objective.num_tasks
         self.cache: dict[bytes, np.ndarray] = {}
         self.evaluations = 0
 
@@ -177,12 +178,13 @@ class D2CClustering:
     ) -> ClusteringResult:
         if objective is None:
             raise ValueError("d2c needs dev examples: pass an objective (--examples)")
-        if objective.num_tasks != library.num_adapters:
+        if getattr(objective, "num_tasks", None) != library.num_adapters:
             raise ValueError(
                 f"objective covers {objective.num_tasks} tasks, library has {library.num_adapters}"
             )
         n = library.num_adapters
-        cached = CachedObjective(objective)
+        # A CachedObjective passed in is shared (e.g. across the cells of a sweep).
+        cached = objective if isinstance(objective, CachedObjective) else CachedObjective(objective)
         checkpoint = _SearchCheckpoint(checkpoint_dir) if checkpoint_dir else None
         restored = checkpoint.restore() if checkpoint else None
         if restored is not None:

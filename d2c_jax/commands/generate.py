@@ -20,7 +20,10 @@ def add_parser(subparsers) -> None:
     )
     add_base_arguments(parser)
     parser.add_argument(
-        "--prompt", action="append", required=True, metavar="TEXT",
+        "--prompt",
+        action="append",
+        required=True,
+        metavar="TEXT",
         help="a prompt (repeat for several; they are decoded as one batch)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -35,11 +38,21 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
     base, adapter, scale = load_base_and_adapter(args)
-    outputs = generate(base, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
-                       chat_template=not args.raw, scale=scale)
+    outputs = generate(
+        base,
+        adapter,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=not args.raw,
+        scale=scale,
+    )
     if args.json:
-        print(json.dumps([{"prompt": p, "output": o} for p, o in zip(args.prompt, outputs,
-                                                                      strict=True)], indent=2))
+        print(
+            json.dumps(
+                [{"prompt": p, "output": o} for p, o in zip(args.prompt, outputs, strict=True)],
+                indent=2,
+            )
+        )
     else:
         for i, out in enumerate(outputs):
             if len(outputs) > 1:

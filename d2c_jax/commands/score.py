@@ -54,10 +54,10 @@ def add_parser(subparsers) -> None:
         "score",
         help="per-example NLL of prompt/target examples under a base model (+ adapter)",
         description=(
-            "Score a JSONL file of {\"prompt\": ..., \"target\": ...} examples: each example's "
+            'Score a JSONL file of {"prompt": ..., "target": ...} examples: each example\'s '
             "loss is the mean negative log-likelihood of its target tokens and the eos token "
             "(prompt tokenized with the tokenizer's special tokens, target without). Prints "
-            "(or writes with --out) {\"per_example_nll\": [...], \"mean_nll\": x}, where "
+            '(or writes with --out) {"per_example_nll": [...], "mean_nll": x}, where '
             "mean_nll is the unweighted mean over examples."
         ),
     )
@@ -65,7 +65,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--examples", type=Path, required=True, metavar="FILE.jsonl")
     parser.add_argument("--out", type=Path, metavar="FILE.json", help="write the JSON here")
     parser.add_argument(
-        "--batch-size", type=int, default=16,
+        "--batch-size",
+        type=int,
+        default=16,
         help="examples per forward pass (default: %(default)s)",
     )
     parser.set_defaults(func=run)
@@ -99,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         tmp = args.out.with_name(args.out.name + ".tmp")
         tmp.write_text(text + "\n")
         tmp.replace(args.out)
-        print(f"mean_nll {result['mean_nll']:.4f} over {len(examples)} examples -> {args.out}",
-              file=sys.stderr)
+        print(
+            f"mean_nll {result['mean_nll']:.4f} over {len(examples)} examples -> {args.out}",
+            file=sys.stderr,
+        )
     else:
         print(text)
     return 0

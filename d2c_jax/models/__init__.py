@@ -127,8 +127,10 @@ class BaseModel:
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"BaseModel({self.name!r}, layers={c.num_layers}, hidden={c.hidden_size}, "
-                f"vocab={c.vocab_size}, dtype={self.model.dtype}, source={self.source!r})")
+        return (
+            f"BaseModel({self.name!r}, layers={c.num_layers}, hidden={c.hidden_size}, "
+            f"vocab={c.vocab_size}, dtype={self.model.dtype}, source={self.source!r})"
+        )
 
 
 # ----------------------------------------------------------------- tokenizer
@@ -143,9 +145,10 @@ def ensure_document_start(tokenizer):
     from tokenizers import processors
 
     probe = "a"
-    if tokenizer(probe, add_special_tokens=True)["input_ids"] != tokenizer(
-        probe, add_special_tokens=False
-    )["input_ids"]:
+    if (
+        tokenizer(probe, add_special_tokens=True)["input_ids"]
+        != tokenizer(probe, add_special_tokens=False)["input_ids"]
+    ):
         return tokenizer
     vocab = tokenizer.get_vocab()
     start = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.bos_token
@@ -206,7 +209,7 @@ def _unflatten(flat: dict[str, np.ndarray]) -> Weights:
     weights: Weights = {"layers": {}}
     for k, v in flat.items():
         if k.startswith("layers."):
-            weights["layers"][k[len("layers."):]] = v
+            weights["layers"][k[len("layers.") :]] = v
         else:
             weights[k] = v
     return weights

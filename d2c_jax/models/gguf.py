@@ -174,8 +174,12 @@ def gguf_tokenizer(reader):
             ]
         )
     special = {}
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         index = _field(reader, f"tokenizer.ggml.{key}")
         if index is not None:
             special[name] = tokens[int(index)]

@@ -56,8 +56,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
     """Write NumPy arrays as one safetensors file (atomically: temp file + rename)."""
     from safetensors.numpy import save_file
 
@@ -84,8 +85,10 @@ def _hf_names(layer: int) -> dict[str, str]:
 
 def is_hf_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
-    return p.is_dir() and (p / "config.json").is_file() and (
-        any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()
+    return (
+        p.is_dir()
+        and (p / "config.json").is_file()
+        and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file())
     )
 
 
@@ -123,8 +126,12 @@ def load_hf_weights(path: str | os.PathLike) -> tuple[LlamaConfig, Weights]:
     return config, weights
 
 
-def save_hf_weights(path: str | os.PathLike, config: LlamaConfig, weights: Weights,
-                    extra_config: dict[str, Any] | None = None) -> None:
+def save_hf_weights(
+    path: str | os.PathLike,
+    config: LlamaConfig,
+    weights: Weights,
+    extra_config: dict[str, Any] | None = None,
+) -> None:
     """Write ``config.json`` + ``model.safetensors`` loadable by transformers."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

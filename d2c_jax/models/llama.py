@@ -142,7 +142,7 @@ class LlamaConfig:
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rope_theta=float(theta if theta is not None else 10000.0),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", model_type == "llama")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),  # HF default
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
@@ -261,9 +261,8 @@ class LlamaForCausalLM(nnx.Module):
         self.dtype = jnp.dtype(dtype).name
         self.embed = nnx.Param(jnp.asarray(weights["embed"], dtype))
         self.final_norm = nnx.Param(jnp.asarray(weights["final_norm"], dtype))
-        self.lm_head = None
-        if not config.tie_word_embeddings:
-            self.lm_head = nnx.Param(jnp.asarray(weights["lm_head"], dtype))
+        untied = not config.tie_word_embeddings
+        self.lm_head = nnx.Param(jnp.asarray(weights["lm_head"], dtype)) if untied else None
         self.layers = LlamaLayers(weights["layers"], dtype)
 
     def head(self) -> jax.Array:
@@ -272,8 +271,11 @@ class LlamaForCausalLM(nnx.Module):
 
     def weights(self) -> Weights:
         """The weights as a plain dict of arrays (canonical layout)."""
-        out = {"embed": self.embed[...], "final_norm": self.final_norm[...],
-               "layers": self.layers.as_dict()}
+        out = {
+            "embed": self.embed[...],
+            "final_norm": self.final_norm[...],
+            "layers": self.layers.as_dict(),
+        }
         if self.lm_head is not None:
             out["lm_head"] = self.lm_head[...]
         return out
@@ -379,8 +381,9 @@ def decoder_layer(
     h = rms_norm(x, lw["mlp_norm"], c.rms_norm_eps)
     gate = lora_linear(h, lw["gate_proj"], None, _layer_slice(la, "gate_proj"), scale)
     up = lora_linear(h, lw["up_proj"], None, _layer_slice(la, "up_proj"), scale)
-    x = x + lora_linear(jax.nn.silu(gate) * up, lw["down_proj"], None,
-                        _layer_slice(la, "down_proj"), scale)
+    x = x + lora_linear(
+        jax.nn.silu(gate) * up, lw["down_proj"], None, _layer_slice(la, "down_proj"), scale
+    )
     return x, cache
 
 
@@ -464,5 +467,6 @@ def logits_from_hidden(model, hidden: jax.Array) -> jax.Array:
     """Full logits ``[..., V]`` (float32). Only for few positions (generation, tests)."""
     model = _as_model(model)
     head = model.head()
-    return jnp.einsum("...d,vd->...v", hidden, head.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "...d,vd->...v", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )

@@ -84,8 +84,10 @@ def task_meta(name: str) -> tuple[str, str]:
     """``"numwords_de"`` -> ``("numwords", "de")``; ``KeyError`` for an unknown task."""
     task_type, _, lang = name.rpartition("_")
     if task_type not in TASK_TYPES or lang not in LANGUAGES:
-        raise KeyError(f"unknown task {name!r}; expected <type>_<lang> with type in "
-                       f"{TASK_TYPES} and lang in {LANGUAGES}")
+        raise KeyError(
+            f"unknown task {name!r}; expected <type>_<lang> with type in "
+            f"{TASK_TYPES} and lang in {LANGUAGES}"
+        )
     return task_type, lang
 
 
@@ -99,8 +101,9 @@ def suite_dir() -> Path:
     return Path(__file__).resolve().parent / "data"
 
 
-def generate_task(name: str, seed: int = DEFAULT_SEED,
-                  sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
+def generate_task(
+    name: str, seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None
+) -> dict[str, list[dict]]:
     """Generate one task's splits: ``{"train": [...], "dev": [...], "test": [...]}``."""
     task_type, lang = task_meta(name)
     sizes = dict(SPLIT_SIZES if sizes is None else sizes)
@@ -119,7 +122,7 @@ def generate_task(name: str, seed: int = DEFAULT_SEED,
         raise RuntimeError(f"{name}: only {len(examples)} distinct examples, need {need}")
     out, start = {}, 0
     for split in ("dev", "test", "train"):
-        out[split] = examples[start:start + sizes[split]]
+        out[split] = examples[start : start + sizes[split]]
         start += sizes[split]
     return {s: out[s] for s in SPLITS}
 
@@ -145,8 +148,9 @@ def _package_versions() -> dict[str, str]:
     return {p: metadata.version(p) for p in _SOURCE_PACKAGES}
 
 
-def generate_suite(out_dir: str | os.PathLike, seed: int = DEFAULT_SEED,
-                   sizes: dict[str, int] | None = None) -> Path:
+def generate_suite(
+    out_dir: str | os.PathLike, seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None
+) -> Path:
     """Write the whole suite under ``out_dir`` (layout in the module docstring).
 
     Every file is written atomically (temporary file + ``os.replace``) and the
@@ -169,7 +173,7 @@ def generate_suite(out_dir: str | os.PathLike, seed: int = DEFAULT_SEED,
         "languages": list(LANGUAGES),
         "split_sizes": sizes,
         "packages": _package_versions(),
-        "layout": "<task>/<split>.jsonl, lines {\"prompt\": str, \"target\": str}",
+        "layout": '<task>/<split>.jsonl, lines {"prompt": str, "target": str}',
         "tasks": tasks,
     }
     text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"

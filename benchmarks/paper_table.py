@@ -1,0 +1,328 @@
+"""The paper-style table: test score against storage budget for every clustering method.
+
+    python benchmarks/paper_table.py            (make paper)
+
+Methods random, kmeans, mbc and d2c at budgets of 12.5%, 25% and 50% of the
+embedded library, over several seeds, plus reference rows: all single adapters
+(100% storage), one merged adapter, and the base model (raw prompt and chat
+prompt). Every method's clusters are merged with the engine's default merge
+(`d2c_jax.merging.DEFAULT_MERGE`) and evaluated on each task's *test* split,
+which clustering never reads (D2C's objective uses only the 10 dev examples per
+task). Each row reports the mean and standard deviation over seeds of the
+average test score, the relative score (merged / single adapter, per task,
+averaged), the dev objective J, wall time and candidates scored.
+
+The sweep takes hours on a 2-core CPU, so every finished cell is saved under
+``<out>/cells/<cell>.json`` and skipped on restart; a D2C run in progress is
+checkpointed by the search itself, and the dev-objective cache (membership ->
+per-task losses, valid for one merge config and dev set) is shared by all cells
+and saved after each, so cells that revisit a member set do not score it again.
+
+Outputs: ``<out>/paper_table.json``, ``paper_table.md`` and ``paper_table.png``
+(score against storage, one line per method, reference lines for the bounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
+
+METHODS = ("random", "kmeans", "mbc", "d2c")
+BUDGETS = ("12.5%", "25%", "50%")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+class Sweep:
+    """Runs and caches the cells of the table (see module docstring)."""
+
+    def __init__(self, out: Path, args: argparse.Namespace):
+        from d2c_jax import tasks as task_suite
+        from d2c_jax.cluster.d2c import CachedObjective
+        from d2c_jax.cluster.objective import DevObjective
+        from d2c_jax.library import AdapterLibrary, embedded_library_dir
+        from d2c_jax.merging import DEFAULT_MERGE
+        from d2c_jax.models import load_base
+
+        self.out = out
+        self.args = args
+        self.library = AdapterLibrary.load(args.library or embedded_library_dir())
+        self.base = load_base("default")
+        self.merge_config = DEFAULT_MERGE
+        dev = {name: task_suite.load_split(None, name, "dev") for name in self.library.names}
+        self.objective = CachedObjective(
+            DevObjective(self.base, self.library, dev, self.merge_config)
+        )
+        self.cache_path = out / "objective_cache.npz"
+        if self.cache_path.is_file():
+            with np.load(self.cache_path) as data:
+                self.objective.load_state({"keys": data["keys"], "values": data["values"]})
+
+    def save_cache(self) -> None:
+        state = self.objective.state()
+        tmp = self.cache_path.with_name(".objective_cache.tmp.npz")
+        np.savez(tmp, **state)
+        tmp.replace(self.cache_path)
+
+    def evaluate(self, adapters) -> dict[str, dict]:
+        from d2c_jax.evaluate import evaluate_adapters
+
+        return evaluate_adapters(
+            self.base, adapters, None, "test", limit=self.args.test_limit, progress=False
+        )
+
+    def reference(self, name: str) -> dict[str, Any]:
+        """Reference rows: single adapters, one merged adapter, base model."""
+        path = self.out / "cells" / f"ref_{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        from d2c_jax.evaluate import merged_task_adapters
+
+        lib = self.library
+        start = time.perf_counter()
+        if name == "single":
+            scores = self.evaluate({t: lib.adapter(i) for i, t in enumerate(lib.names)})
+            storage, dev_j = 1.0, None
+        elif name == "one_merged":
+            assign = np.zeros(lib.num_adapters, np.int32)
+            scores = self.evaluate(merged_task_adapters(lib, assign, self.merge_config))
+            storage = 1 / lib.num_adapters
+            dev_j = float(self.objective.cluster_losses(np.ones((1, lib.num_adapters), bool))[0])
+            dev_j /= lib.num_adapters
+        else:
+            from d2c_jax.evaluate import evaluate_adapters
+
+            scores = evaluate_adapters(
+                self.base,
+                dict.fromkeys(lib.names),
+                None,
+                "test",
+                limit=self.args.test_limit,
+                chat_template=name == "base_chat",
+                progress=False,
+            )
+            storage, dev_j = 0.0, None
+        cell = {
+            "name": name,
+            "storage": storage,
+            "dev_objective": dev_j,
+            "per_task": scores,
+            "seconds": time.perf_counter() - start,
+        }
+        _write_json(path, cell)
+        return cell
+
+    def cell(self, method: str, budget: str, seed: int) -> dict[str, Any]:
+        from d2c_jax import cluster as clustering
+        from d2c_jax.evaluate import merged_task_adapters
+
+        name = f"{method}_{budget.rstrip('%')}_{seed}"
+        path = self.out / "cells" / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        lib = self.library
+        k = clustering.resolve_budget(budget, lib)
+        before = self.objective.evaluations
+        start = time.perf_counter()
+        if method == "d2c":
+            search = clustering.D2CClustering(
+                init="kmeans", mode=self.args.mode, max_iters=self.args.max_iters
+            )
+            result = search.fit(
+                lib, k, seed, self.objective, checkpoint_dir=self.out / "ckpt" / name
+            )
+        else:
+            result = clustering.METHODS[method]().fit(lib, k, seed)
+        cluster_seconds = time.perf_counter() - start
+        masks = clustering.membership_mask(result.assign, k)
+        dev_j = float(self.objective.cluster_losses(masks).sum() / lib.num_adapters)
+        scores = self.evaluate(merged_task_adapters(lib, result.assign, self.merge_config))
+        cell = {
+            "name": name,
+            "method": method,
+            "budget": budget,
+            "seed": seed,
+            "k": k,
+            "storage": k / lib.num_adapters,
+            "assignment": {t: int(result.assign[i]) for i, t in enumerate(lib.names)},
+            "dev_objective": dev_j,
+            "cluster_seconds": cluster_seconds,
+            "candidates_scored": self.objective.evaluations - before,
+            "info": result.info,
+            "per_task": scores,
+        }
+        _write_json(path, cell)
+        self.save_cache()
+        return cell
+
+
+def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
+    from d2c_jax.evaluate import average_metrics, relative_score
+
+    single = refs["single"]["per_task"]
+    rows = []
+    for method in METHODS:
+        for budget in BUDGETS:
+            group = [c for c in cells if c["method"] == method and c["budget"] == budget]
+            if not group:
+                continue
+            scores = [average_metrics(c["per_task"])["score"] for c in group]
+            rel = [relative_score(c["per_task"], single) for c in group]
+            dev = [c["dev_objective"] for c in group]
+            rows.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "k": group[0]["k"],
+                    "storage": group[0]["storage"],
+                    "seeds": [c["seed"] for c in group],
+                    "score_mean": float(np.mean(scores)),
+                    "score_std": float(np.std(scores)),
+                    "relative_mean": float(np.mean(rel)),
+                    "relative_std": float(np.std(rel)),
+                    "dev_objective_mean": float(np.mean(dev)),
+                    "dev_objective_std": float(np.std(dev)),
+                    "cluster_seconds_mean": float(np.mean([c["cluster_seconds"] for c in group])),
+                    "candidates_scored_mean": float(
+                        np.mean([c["candidates_scored"] for c in group])
+                    ),
+                }
+            )
+    references = {
+        name: {
+            "storage": ref["storage"],
+            "score": average_metrics(ref["per_task"])["score"],
+            "relative": relative_score(ref["per_task"], single),
+            "dev_objective": ref["dev_objective"],
+        }
+        for name, ref in refs.items()
+    }
+    return {"rows": rows, "references": references}
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    lines = [
+        "| method | budget (K) | test score | relative score | dev objective J | "
+        "cluster time (s) | candidates scored |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['budget']} ({r['k']}) | {r['score_mean']:.1f} ± "
+            f"{r['score_std']:.1f} | {r['relative_mean']:.3f} ± {r['relative_std']:.3f} | "
+            f"{r['dev_objective_mean']:.4f} ± {r['dev_objective_std']:.4f} | "
+            f"{r['cluster_seconds_mean']:.0f} | {r['candidates_scored_mean']:.0f} |"
+        )
+    for name, ref in summary["references"].items():
+        dev = "" if ref["dev_objective"] is None else f"{ref['dev_objective']:.4f}"
+        lines.append(
+            f"| {name} | {100 * ref['storage']:.1f}% | {ref['score']:.1f} | "
+            f"{ref['relative']:.3f} | {dev} | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS:
+        rows = [r for r in summary["rows"] if r["method"] == method]
+        if rows:
+            x = [100 * r["storage"] for r in rows]
+            ax.errorbar(
+                x,
+                [r["score_mean"] for r in rows],
+                yerr=[r["score_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
+    styles = {"single": ":", "one_merged": "--", "base_chat": "-.", "base_raw": (0, (1, 3))}
+    for name, ref in summary["references"].items():
+        ax.axhline(
+            ref["score"],
+            color="gray",
+            linestyle=styles.get(name, ":"),
+            label=f"{name} ({ref['score']:.1f})",
+        )
+    ax.set_xlabel("storage (% of the library)")
+    ax.set_ylabel("average test score (0-100)")
+    ax.set_title("Score against storage budget (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "paper_table")
+    parser.add_argument("--library", type=Path, default=None)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--mode", choices=("best", "sweep"), default="sweep")
+    parser.add_argument("--max-iters", type=int, default=10)
+    parser.add_argument(
+        "--test-limit",
+        type=int,
+        default=None,
+        help="evaluate only the first N test examples per task",
+    )
+    args = parser.parse_args(argv)
+
+    sweep = Sweep(args.out, args)
+    refs = {
+        name: sweep.reference(name) for name in ("single", "one_merged", "base_raw", "base_chat")
+    }
+    cells = []
+    for seed in args.seeds:  # seed-major: every budget gets a first seed early
+        for budget in args.budgets:
+            for method in args.methods:
+                cells.append(sweep.cell(method, budget, seed))
+                print(f"done {method} {budget} seed {seed}", flush=True)
+    summary = summarise(cells, refs)
+    summary.update(
+        command=" ".join(sys.argv),
+        machine=machine_info(),
+        versions=versions(),
+        settings={
+            "mode": args.mode,
+            "max_iters": args.max_iters,
+            "seeds": args.seeds,
+            "test_limit": args.test_limit,
+            "merge": sweep.merge_config.to_dict(),
+        },
+    )
+    _write_json(args.out.parent / "paper_table.json", summary)
+    (args.out.parent / "paper_table.md").write_text(markdown(summary))
+    plot(summary, args.out.parent / "paper_table.png")
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
