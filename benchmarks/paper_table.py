@@ -36,16 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
+from d2c_jax.library import write_json_atomic  # noqa: E402
 
 METHODS = ("random", "kmeans", "mbc", "d2c")
 BUDGETS = ("12.5%", "25%", "50%")
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 class Sweep:
@@ -124,7 +118,7 @@ class Sweep:
             "per_task": scores,
             "seconds": time.perf_counter() - start,
         }
-        _write_json(path, cell)
+        write_json_atomic(path, cell)
         return cell
 
     def cell(self, method: str, budget: str, seed: int) -> dict[str, Any]:
@@ -166,7 +160,7 @@ class Sweep:
             "info": result.info,
             "per_task": scores,
         }
-        _write_json(path, cell)
+        write_json_atomic(path, cell)
         self.save_cache()
         return cell
 
@@ -317,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             "merge": sweep.merge_config.to_dict(),
         },
     )
-    _write_json(args.out.parent / "paper_table.json", summary)
+    write_json_atomic(args.out.parent / "paper_table.json", summary)
     (args.out.parent / "paper_table.md").write_text(markdown(summary))
     plot(summary, args.out.parent / "paper_table.png")
     print(markdown(summary))

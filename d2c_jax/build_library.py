@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,12 @@ from typing import Any
 import numpy as np
 
 from d2c_jax import tasks as task_suite
-from d2c_jax.library import AdapterLibrary, embedded_library_dir
+from d2c_jax.library import AdapterLibrary, embedded_library_dir, write_json_atomic
 from d2c_jax.train import TrainConfig, train_library
 
 EVAL_DIR_NAME = ".eval"
 MANIFEST_NAME = "manifest.json"
 MAX_NEW_TOKENS = 32
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def reference_groupings(names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -82,7 +74,7 @@ def evaluate_setting(
         max_new_tokens=MAX_NEW_TOKENS,
     )
     results = {"per_task": results, "seconds": time.perf_counter() - start}
-    _write_json(path, results)
+    write_json_atomic(path, results)
     return results
 
 
@@ -125,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "training_seconds_total": sum(r["seconds"] for r in records.values()),
     }
-    _write_json(args.out / MANIFEST_NAME, manifest)
+    write_json_atomic(args.out / MANIFEST_NAME, manifest)
     if args.skip_eval:
         return 0
 
@@ -148,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_task": scores,
     }
     manifest["build_seconds_this_run"] = time.perf_counter() - start
-    _write_json(args.out / MANIFEST_NAME, manifest)
+    write_json_atomic(args.out / MANIFEST_NAME, manifest)
     print(json.dumps(manifest["evaluation"]["average"], indent=2))
     return 0
 

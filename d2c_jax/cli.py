@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `d2c --help` lists them.
-COMMANDS = ("merge", "score", "generate", "train", "cluster", "evaluate")
+COMMANDS = ("merge", "score", "generate", "train", "cluster")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,18 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="d2c",
         description=(
             "Compress a library of LoRA adapters into K multi-task adapters: "
-            "merge, score, train, cluster (random, kmeans, mbc, d2c) and evaluate."
+            "merge, score, generate, train, and cluster (random, kmeans, mbc, d2c)."
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"d2c_jax.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name == f"d2c_jax.commands.{name}":
-                continue  # command not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(f"d2c_jax.commands.{name}").add_parser(subparsers)
     return parser
 
 

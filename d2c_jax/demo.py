@@ -19,13 +19,14 @@ a cap on D2C iterations, and a subset of each task's test split.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from d2c_jax.library import write_json_atomic
 
 DEMO_DEFAULTS = {
     "budget": "12.5%",
@@ -34,12 +35,6 @@ DEMO_DEFAULTS = {
     "max_iters": 4,
     "seed": 0,
 }
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -164,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra_config={"members": [library.names[i] for i in np.flatnonzero(masks[c])]},
                 overwrite=True,
             )
-        _write_json(
+        write_json_atomic(
             method_dir / "assignment.json",
             {t: int(result.assign[i]) for i, t in enumerate(library.names)},
         )
@@ -217,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "seconds": time.perf_counter() - start_all,
     }
-    _write_json(out / "report.json", report)
+    write_json_atomic(out / "report.json", report)
     plot(report, out / "plot.png")
 
     print()

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from d2c_jax.library import write_json_atomic
+
 SETTINGS_NAME = "settings.json"
 # Density of the search's merge when --density is not given: the TIES paper's value.
 DEFAULT_DENSITY = 0.2
@@ -97,12 +99,6 @@ def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> None:
     saved = out / SEARCH_DIR / SETTINGS_NAME
     if out.exists() and any(out.iterdir()):
@@ -121,7 +117,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool)
                 f"{out} is not empty; pass --resume to continue it or --force to replace it"
             )
     (out / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
-    _write_json(saved, settings)
+    write_json_atomic(saved, settings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             extra_config={"members": members, "merge": merge_config.to_dict()},
             overwrite=True,
         )
-    _write_json(
+    write_json_atomic(
         args.out / "assignment.json",
         {name: int(result.assign[i]) for i, name in enumerate(library.names)},
     )
@@ -225,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "versions": versions(),
     }
-    _write_json(args.out / "manifest.json", manifest)
+    write_json_atomic(args.out / "manifest.json", manifest)
     shutil.rmtree(args.out / SEARCH_DIR, ignore_errors=True)
     print(
         f"{args.method}: K={k} of N={library.num_adapters}, dev objective "
