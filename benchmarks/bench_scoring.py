@@ -15,7 +15,9 @@ same model weights, adapters and examples, in one run:
 (c) ``torch_peft``: transformers + PEFT as a user would write it: the N adapters loaded
     into a ``PeftModel``; per candidate ``add_weighted_adapter(...,
     combination_type="ties_svd", density=0.2)``, ``set_adapter``, forward in batches of
-    16 with an attention mask, per-example cross-entropy, ``delete_adapter``.
+    16 with an attention mask, per-example cross-entropy, ``delete_adapter``. With
+    ``--quick`` only 2 candidates are timed for (c) (it is by far the slowest); all rates
+    and ratios are per candidate.
 
 Full runs add two ablations of (a): ``batched_unpacked`` (no packing: isolates the
 gain of vmapping alone) and ``batched_deployed`` (truncate each merged delta to rank r
@@ -24,7 +26,9 @@ by SVD and score the factors: "score exactly what you deploy").
 Also measured in the same run: this machine's dense float32 matmul rate (NumPy,
 2048^3, best of 5, before and after), from which (a)'s fraction of peak is computed
 with two FLOP counts: *executed* (what (a) computes, padding included) and *useful*
-(what the real tokens need: all layers on real tokens, the head only on labels).
+(what the real tokens need: all layers on real tokens, the head only on labels), and
+the dominant GEMM shape timed in jitted JAX against NumPy (how fast XLA's own matmul
+kernel is here).
 A profile of one (a) call (``jax.profiler`` trace, XLA ops grouped into matmul and
 other kinds via the compiled HLO) says where the time goes.
 
@@ -69,6 +73,37 @@ def matmul_peak(n: int = 2048, repeat: int = 5) -> dict:
         "n": n,
         "gflops_best": 2 * n**3 / min(runs) / 1e9,
         "gflops_median": 2 * n**3 / float(np.median(runs)) / 1e9,
+    }
+
+
+def gemm_efficiency(tokens: int, d_in: int, d_out: int, repeat: int = 7) -> dict:
+    """The dominant GEMM of the forward (``[tokens, d_in] x [d_in, d_out]``) in jitted
+    JAX and in NumPy, interleaved, best of `repeat`: how fast XLA's own matmul kernel
+    runs on this machine relative to NumPy's BLAS, for the same shape."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((tokens, d_in)).astype(np.float32)
+    w = rng.standard_normal((d_out, d_in)).astype(np.float32)
+    wt = np.ascontiguousarray(w.T)
+    f = jax.jit(lambda x, w: jnp.einsum("ti,oi->to", x, w))
+    xj, wj = jnp.asarray(x), jnp.asarray(w)
+    f(xj, wj).block_until_ready()
+    tj, tn = [], []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        f(xj, wj).block_until_ready()
+        tj.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        x @ wt
+        tn.append(time.perf_counter() - t)
+    fl = 2 * tokens * d_in * d_out
+    return {
+        "shape": [tokens, d_in, d_out],
+        "jax_gflops": round(fl / min(tj) / 1e9, 1),
+        "numpy_gflops": round(fl / min(tn) / 1e9, 1),
+        "jax_over_numpy": round(min(tn) / min(tj), 3),
     }
 
 
@@ -196,6 +231,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeat", type=int, help="timed repetitions per method")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument(
+        "--torch-candidates",
+        type=int,
+        help="candidates timed for the torch peer (default: 2 with --quick, else all); "
+        "rates are per candidate",
+    )
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -205,6 +246,7 @@ def main(argv=None) -> int:
     c = args.candidates or (4 if q else 8)
     e = args.examples_per_task or (5 if q else 10)
     repeat = args.repeat or (1 if q else 2)
+    torch_cands = min(c, args.torch_candidates or (2 if q else c))
     wall = time.perf_counter()
 
     import jax
@@ -344,9 +386,9 @@ def main(argv=None) -> int:
 
         def run_torch():
             merge_s = score_s = 0.0
-            nll = np.empty(example_idx.shape, np.float32)
+            nll = np.full(example_idx.shape, np.nan, np.float32)
             with torch.inference_mode():
-                for i in range(c):
+                for i in range(torch_cands):
                     t = time.perf_counter()
                     members = [names[j] for j in np.flatnonzero(masks[i])]
                     pmodel.add_weighted_adapter(
@@ -391,6 +433,9 @@ def main(argv=None) -> int:
 
         methods["torch_peft"] = run_torch
 
+    done = {name: c for name in methods}
+    if "torch_peft" in methods:
+        done["torch_peft"] = torch_cands
     # warm-up (compilation), then interleaved timed repetitions
     compile_seconds = {}
     for name, fn in methods.items():
@@ -408,6 +453,7 @@ def main(argv=None) -> int:
             if stats is not None:
                 results.setdefault(name, {})["score_stats"] = stats
     load_start.append(os.getloadavg()[0])
+    gemm = gemm_efficiency(2048, cfg.hidden_size, cfg.intermediate_size)
     peak_after = matmul_peak()
     peak = max(peak_before["gflops_best"], peak_after["gflops_best"])
 
@@ -425,10 +471,14 @@ def main(argv=None) -> int:
                 "score_seconds": round(best[2], 4),
                 "all_runs_seconds": [round(r[0], 4) for r in rs],
                 "warmup_seconds_incl_compile": round(compile_seconds[name], 3),
-                "candidates_per_second": round(c / best[0], 4),
-                "real_tokens_per_second": round(real_tokens / best[0], 1),
-                "useful_gflops_per_second": round(useful / best[0] / 1e9, 2),
-                "useful_fraction_of_matmul_peak": round(useful / best[0] / 1e9 / peak, 4),
+                "candidates_timed": done[name],
+                "seconds_per_candidate": round(best[0] / done[name], 4),
+                "candidates_per_second": round(done[name] / best[0], 4),
+                "real_tokens_per_second": round(real_tokens * done[name] / c / best[0], 1),
+                "useful_gflops_per_second": round(useful * done[name] / c / best[0] / 1e9, 2),
+                "useful_fraction_of_matmul_peak": round(
+                    useful * done[name] / c / best[0] / 1e9 / peak, 4
+                ),
             }
         )
         st = entry.get("score_stats")
@@ -474,19 +524,19 @@ def main(argv=None) -> int:
     # does scoring the untruncated delta rank candidates like scoring what is deployed?
     cand_mean = {name: np.nanmean(out, axis=1) for name, out in outputs.items()}
     for other in ("batched_deployed", "torch_peft"):
-        if other in cand_mean and c > 2:
+        both = ~np.isnan(cand_mean[other]) if other in cand_mean else np.zeros(c, bool)
+        if both.sum() > 2:
             agreement[f"spearman_candidate_ranking_batched_vs_{other}"] = spearman(
-                cand_mean["batched"], cand_mean[other]
+                cand_mean["batched"][both], cand_mean[other][both]
             )
     agreement["candidate_mean_nll"] = {
-        k2: [round(float(x), 4) for x in v] for k2, v in cand_mean.items()
+        k2: [None if np.isnan(x) else round(float(x), 4) for x in v] for k2, v in cand_mean.items()
     }
 
-    ratios = {"batched_over_loop": results["loop"]["seconds"] / results["batched"]["seconds"]}
+    per_cand = {name: results[name]["seconds_per_candidate"] for name in results}
+    ratios = {"batched_over_loop": per_cand["loop"] / per_cand["batched"]}
     if "torch_peft" in results:
-        ratios["batched_over_torch_peft"] = (
-            results["torch_peft"]["seconds"] / results["batched"]["seconds"]
-        )
+        ratios["batched_over_torch_peft"] = per_cand["torch_peft"] / per_cand["batched"]
     if "batched_unpacked" in results:
         ratios["unpacked_over_loop"] = (
             results["loop"]["seconds"] / results["batched_unpacked"]["seconds"]
@@ -541,6 +591,7 @@ def main(argv=None) -> int:
             "cluster_size": k,
             "candidates": c,
             "examples_per_task": e,
+            "torch_candidates_timed": torch_cands if not args.skip_torch else 0,
             "examples_per_candidate": int(example_idx.shape[1]),
             "real_tokens_per_candidate": real_tokens / c,
             "label_tokens_per_candidate": labels / c,
@@ -566,6 +617,7 @@ def main(argv=None) -> int:
         "ratios": {key: round(v, 3) for key, v in ratios.items()},
         "agreement": agreement,
         "profile_batched": profile,
+        "gemm_jax_vs_numpy": gemm,
         "wall_seconds": round(time.perf_counter() - wall, 1),
     }
     path = write_result("bench_scoring_quick" if q else "bench_scoring", payload)
