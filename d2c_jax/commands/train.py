@@ -50,6 +50,12 @@ def add_parser(subparsers) -> None:
         help="stop when validation NLL (nats/token) falls below this",
     )
     parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        help="steps between orbax checkpoints of an adapter's training state",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.set_defaults(func=run)
 
@@ -70,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         stop_nll=args.stop_nll,
         patience=args.patience,
+        checkpoint_every=args.checkpoint_every,
         seed=args.seed,
     )
     root = args.tasks or task_suite.suite_dir()
