@@ -51,13 +51,10 @@ def reference_groupings(names: tuple[str, ...]) -> dict[str, np.ndarray]:
 def evaluate_setting(
     base, library: AdapterLibrary, setting: str, root: Path, split: str, cache: Path, merge_config
 ) -> dict[str, dict[str, float]]:
-    """Per-task test metrics of one setting; cached in ``cache/<setting>.json``."""
-    from d2c_jax.evaluate import evaluate_adapters, merged_task_adapters
+    """Per-task metrics of one setting; cached in ``cache/<setting>.json`` as they finish."""
+    from d2c_jax.evaluate import evaluate_cached, merged_task_adapters
 
-    path = cache / f"{setting}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    start = time.perf_counter()
+    identity = None
     if setting.startswith("base"):
         adapters = dict.fromkeys(library.names)
     elif setting == "single":
@@ -65,17 +62,18 @@ def evaluate_setting(
     else:
         assign = reference_groupings(library.names)[setting]
         adapters = merged_task_adapters(library, assign, merge_config)
-    results = evaluate_adapters(
+        # A merge depends on all its members: a grown library invalidates the cache.
+        identity = {"members": list(library.names), "merge": merge_config.to_dict()}
+    return evaluate_cached(
         base,
         adapters,
         root,
         split,
+        cache / f"{setting}.json",
+        identity=identity,
         chat_template=setting == "base_chat",
         max_new_tokens=MAX_NEW_TOKENS,
     )
-    results = {"per_task": results, "seconds": time.perf_counter() - start}
-    write_json_atomic(path, results)
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = args.out / EVAL_DIR_NAME
     settings = ("base_raw", "base_chat", "single", "one_merged", "by_language", "by_type")
     scores = {
-        s: evaluate_setting(base, library, s, root, "test", cache, merge_config)["per_task"]
-        for s in settings
+        s: evaluate_setting(base, library, s, root, "test", cache, merge_config) for s in settings
     }
     manifest["evaluation"] = {
         "split": "test",

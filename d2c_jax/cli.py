@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `d2c --help` lists them.
-COMMANDS = ("merge", "score", "generate", "train", "cluster")
+COMMANDS = ("merge", "score", "generate", "train", "cluster", "evaluate")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="d2c",
         description=(
             "Compress a library of LoRA adapters into K multi-task adapters: "
-            "merge, score, generate, train, and cluster (random, kmeans, mbc, d2c)."
+            "merge, score, generate, train, cluster (random, kmeans, mbc, d2c) and evaluate."
         ),
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

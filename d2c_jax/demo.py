@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from d2c_jax.library import write_json_atomic
 
 DEMO_DEFAULTS = {
@@ -76,20 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
 
-    import jax
-
     from d2c_jax import cluster as clustering
     from d2c_jax import tasks as task_suite
     from d2c_jax.cluster.objective import DevObjective
+    from d2c_jax.cluster.output import load_clusters, save_clusters, task_adapters
     from d2c_jax.commands.cluster import versions
     from d2c_jax.evaluate import (
         average_metrics,
         evaluate_adapters,
-        merged_task_adapters,
         relative_score,
     )
-    from d2c_jax.library import AdapterLibrary, embedded_library_dir, save_peft_adapter
-    from d2c_jax.merging import DEFAULT_MERGE, merge
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir
+    from d2c_jax.merging import DEFAULT_MERGE
     from d2c_jax.models import load_base
 
     start_all = time.perf_counter()
@@ -141,31 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         dev_j = result.objective
         if dev_j is None:
             dev_j = float(objective.task_losses(masks).sum() / library.num_adapters)
-        merged = merge(
-            library.params,
-            library.scale,
-            masks.astype(np.float32),
-            DEFAULT_MERGE,
-            names=library.names,
-        )
-        method_dir = out / name
-        for c in range(k):
-            save_peft_adapter(
-                method_dir / f"cluster_{c}",
-                jax.tree.map(lambda x, c=c: x[c], merged.params),
-                rank=library.rank,
-                alpha=library.rank,
-                base_model=library.base_model,
-                extra_config={"members": [library.names[i] for i in np.flatnonzero(masks[c])]},
-                overwrite=True,
-            )
-        write_json_atomic(
-            method_dir / "assignment.json",
-            {t: int(result.assign[i]) for i, t in enumerate(library.names)},
-        )
+        save_clusters(out / name, library, result.assign, DEFAULT_MERGE)
+        # Evaluate the adapters as saved (bfloat16 PEFT files), i.e. as deployed.
         scores = evaluate_adapters(
             base,
-            merged_task_adapters(library, result.assign, DEFAULT_MERGE),
+            task_adapters(*load_clusters(out / name)),
             None,
             "test",
             limit=args.test_per_task,

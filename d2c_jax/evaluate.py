@@ -240,3 +240,74 @@ def evaluate_adapters(
         )
         results[task] = evaluate_task(generate_fn, examples, batch_size=batch_size)
     return results
+
+
+def evaluate_cached(
+    base,
+    adapters: Mapping[str, object],
+    root,
+    split: str,
+    cache_path,
+    *,
+    identity=None,
+    chat_template: bool = False,
+    max_new_tokens: int = 32,
+    limit: int | None = None,
+    batch_size: int = 50,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """`evaluate_adapters`, keeping per-task results in a JSON file across runs.
+
+    The file records what determines a result (split, tasks root, chat template,
+    max new tokens, limit, and ``identity``: JSON data naming whatever else
+    determines the adapters, such as the members and merge settings of merged
+    adapters); tasks already in a file with the same key are not evaluated again and
+    new tasks are added to it, so single adapters of a library that grows keep their
+    earlier results. The cache trusts that a task's adapter has not changed since it
+    was stored: delete the file after retraining. Writing is best effort (an
+    installed library may be read-only); results are returned either way.
+
+    Returns ``{task: task_metrics}`` for exactly the tasks of ``adapters``.
+    """
+    import json
+    from pathlib import Path
+
+    from d2c_jax.library import write_json_atomic
+    from d2c_jax.tasks import suite_dir
+
+    path = Path(cache_path)
+    builtin = root is None or Path(root).resolve() == Path(suite_dir()).resolve()
+    key = {
+        "split": split,
+        "tasks_root": "built-in" if builtin else str(Path(root).resolve()),
+        "chat_template": chat_template,
+        "max_new_tokens": max_new_tokens,
+        "limit": limit,
+        "identity": identity,
+    }
+    stored: dict[str, dict] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: evaluation cache is not valid JSON ({err})") from err
+        if data.get("settings") == key:
+            stored = data["per_task"]
+    missing = {task: adapter for task, adapter in adapters.items() if task not in stored}
+    if missing:
+        stored = stored | evaluate_adapters(
+            base,
+            missing,
+            root,
+            split,
+            chat_template=chat_template,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            limit=limit,
+            progress=progress,
+        )
+        try:
+            write_json_atomic(path, {"settings": key, "per_task": stored})
+        except OSError:
+            pass
+    return {task: stored[task] for task in adapters}

@@ -45,6 +45,9 @@ import numpy as np
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# How an adapter was made (task, merge settings, members) sits beside the PEFT files,
+# not inside adapter_config.json, whose unknown keys make PEFT warn about its version.
+PROVENANCE_NAME = "d2c_jax.json"
 LIBRARY_META_NAME = "library.json"
 ARRAYS_DIR_NAME = "arrays"
 
@@ -538,14 +541,14 @@ def write_peft_files(
     base_model: str | None,
     dtype=jnp.bfloat16,
     use_rslora: bool = False,
-    extra_config: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> None:
     """Write adapter_config.json + adapter_model.safetensors into an existing directory.
 
     Args:
       params: ``{module: {"A": [L, r, d_in], "B": [L, d_out, r]}}``.
-      extra_config: extra JSON-serialisable keys stored in the config (e.g. how a
-        merged adapter was made); PEFT ignores keys it does not know.
+      provenance: JSON-serialisable record of how the adapter was made (e.g. a merge's
+        settings and members), written to ``PROVENANCE_NAME`` beside the PEFT files.
     """
     from safetensors.flax import save_file
 
@@ -576,8 +579,8 @@ def write_peft_files(
         "use_dora": False,
         "inference_mode": True,
     }
-    if extra_config:
-        config["d2c_jax"] = dict(extra_config)
+    if provenance:
+        (directory / PROVENANCE_NAME).write_text(json.dumps(dict(provenance), indent=2) + "\n")
     save_file(tensors, str(directory / WEIGHTS_NAME))
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -591,7 +594,7 @@ def save_peft_adapter(
     base_model: str | None,
     dtype=jnp.bfloat16,
     use_rslora: bool = False,
-    extra_config: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write one adapter as a PEFT directory, atomically. Returns the directory.
@@ -608,6 +611,6 @@ def save_peft_adapter(
             base_model=base_model,
             dtype=dtype,
             use_rslora=use_rslora,
-            extra_config=extra_config,
+            provenance=provenance,
         )
     return Path(out_dir)

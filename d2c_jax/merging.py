@@ -383,11 +383,19 @@ def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--m
     )
 
 
-def merge_config_from_args(args: argparse.Namespace) -> MergeConfig:
-    """The MergeConfig described by flags registered with `add_merge_arguments`."""
+def merge_config_from_args(
+    args: argparse.Namespace, default_density: float | None = None
+) -> MergeConfig:
+    """The MergeConfig described by flags registered with `add_merge_arguments`.
+
+    ``default_density`` fills in ``--density`` for sparsifying methods when it is not
+    given (commands that merge inside a search use the TIES paper's 0.2); without
+    it the flag is required for them.
+    """
     method = args.merge_method
     sparsifies = method in kmerge.MAGNITUDE_METHODS + kmerge.DARE_METHODS
-    if sparsifies and args.density is None:
+    density = args.density if args.density is not None or not sparsifies else default_density
+    if sparsifies and density is None:
         raise ValueError(
             f"--density is required for merge method {method} (fraction of entries kept; "
             "the TIES paper uses 0.2)"
@@ -398,7 +406,7 @@ def merge_config_from_args(args: argparse.Namespace) -> MergeConfig:
         return MergeConfig(
             method=method,
             space=args.space,
-            density=args.density,
+            density=density,
             trim=args.trim,
             majority=args.majority,
             sign_vote=args.sign_vote,

@@ -318,7 +318,7 @@ def train_library(
             alpha=config.alpha,
             base_model=base_model_name,
             dtype=dtype,
-            extra_config={"task": task, "train_record": TRAIN_RECORD_NAME},
+            provenance={"task": task, "train_record": TRAIN_RECORD_NAME},
             overwrite=True,
         )
         # The record marks the adapter as finished; it is written last.

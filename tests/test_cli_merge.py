@@ -85,8 +85,10 @@ def test_merged_adapter_loads_in_peft_with_the_engine_delta(library, tmp_path, f
     assert main(["merge", "--adapters", str(library), "--out", str(out), *flags]) == 0
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["r"] == 4 and saved["lora_alpha"] == 4  # scale 1
-    assert saved["d2c_jax"]["sources"] == ["de", "fr", "it"]
-    assert saved["d2c_jax"]["merge"]["space"] == flags[3]
+    assert "d2c_jax" not in saved  # provenance sits beside the PEFT files
+    provenance = json.loads((out / "d2c_jax.json").read_text())
+    assert provenance["sources"] == ["de", "fr", "it"]
+    assert provenance["merge"]["space"] == flags[3]
 
     lib = AdapterLibrary.load(library)
     args = dict(zip(flags[::2], flags[1::2], strict=False))

@@ -145,3 +145,29 @@ def test_evaluate_task_rejects_bad_generate_fn():
         evaluate_task(lambda ps: ["x"], examples, batch_size=2)
     with pytest.raises(ValueError):
         evaluate_task(lambda ps: ps, examples, batch_size=0)
+
+
+def test_evaluation_cache_grows_with_the_library_and_keys_on_settings(tmp_path, monkeypatch):
+    from d2c_jax import evaluate
+
+    calls = []
+
+    def fake_evaluate(base, adapters, root, split, **settings):
+        calls.append(sorted(adapters))
+        return {t: {"score": float(len(t) + settings["max_new_tokens"])} for t in adapters}
+
+    monkeypatch.setattr(evaluate, "evaluate_adapters", fake_evaluate)
+    cache = tmp_path / "single.json"
+    first = evaluate.evaluate_cached(None, dict.fromkeys(["ab", "c"]), None, "test", cache)
+    assert first == {"ab": {"score": 34.0}, "c": {"score": 33.0}}
+    # A grown library evaluates only its new tasks and returns exactly the ones asked.
+    grown = evaluate.evaluate_cached(None, dict.fromkeys(["c", "xyz"]), None, "test", cache)
+    assert grown == {"c": {"score": 33.0}, "xyz": {"score": 35.0}}
+    assert calls == [["ab", "c"], ["xyz"]]
+    # Different settings or identity (e.g. the members of a merge) are not reused.
+    evaluate.evaluate_cached(None, {"c": None}, None, "test", cache, max_new_tokens=8)
+    evaluate.evaluate_cached(None, {"c": None}, None, "test", cache, identity={"members": ["c"]})
+    assert calls[2:] == [["c"], ["c"]]
+    cache.write_text("{torn")
+    with pytest.raises(ValueError, match="single.json: evaluation cache is not valid JSON"):
+        evaluate.evaluate_cached(None, {"c": None}, None, "test", cache)

@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             rank=library.rank,
             alpha=library.rank,
             base_model=library.base_model,
-            extra_config={"members": members, "merge": merge_config.to_dict()},
+            provenance={"members": members, "merge": merge_config.to_dict()},
             overwrite=True,
         )
     write_json_atomic(

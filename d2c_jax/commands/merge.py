@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             alpha=library.rank,  # scale 1: the merge folds every scale into the factors
             base_model=library.base_model,
             dtype=getattr(jnp, args.dtype),
-            extra_config=record,
+            provenance=record,
         )
     seconds = time.perf_counter() - start
     density = "" if config.density is None else f", density {config.density}"

@@ -1,0 +1,207 @@
+"""`d2c evaluate`: held-out scores of a clustering, each task under its cluster's adapter.
+
+    d2c evaluate --base default --assignment OUT_DIR --out scores.json
+    d2c evaluate --assignment assignment.json --library LIB --merge ties --density 0.2 ...
+
+``--assignment`` is either a clustering directory (`d2c cluster`'s output: its
+saved ``cluster_<k>/`` adapters are evaluated exactly as deployed) or an
+``assignment.json`` file ``{task: cluster}``, whose clusters are then merged from
+``--library`` with the merge flags. Every task is evaluated on its own split of
+the task suite (``--tasks``, default the built-in suite) by greedy generation, with
+the metrics of `d2c_jax.evaluate` (exact match, chrF, score = (100 EM + chrF)/2).
+The relative score divides each task's score by its single adapter's score from
+``--library``; single-adapter results are cached in ``<library>/.eval/`` so that
+later evaluations of the same library reuse them.
+
+Writes ``--out`` (JSON): settings, per-task metrics with each task's cluster, the
+average, the single adapters' average and the relative score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from d2c_jax.library import write_json_atomic
+from d2c_jax.merging import DEFAULT_MERGE, add_merge_arguments
+
+SINGLE_CACHE = Path(".eval") / "single.json"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score a clustering's merged adapters on held-out test examples",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--base",
+        default="default",
+        metavar="{default|HF_DIR|FILE.gguf}",
+        help="base model (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--assignment",
+        type=Path,
+        required=True,
+        metavar="OUT_DIR|FILE.json",
+        help="a `d2c cluster` output directory, or an assignment.json {task: cluster}",
+    )
+    parser.add_argument(
+        "--library",
+        type=Path,
+        default=None,
+        help="the adapter library: single adapters for the relative score, and the "
+        "adapters to merge when --assignment is a file (default: the embedded library)",
+    )
+    parser.add_argument(
+        "--tasks", type=Path, default=None, help="task-suite directory (default: built-in)"
+    )
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="evaluate the first N examples of each task"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=50, help="prompts per generate call")
+    parser.add_argument(
+        "--no-relative",
+        action="store_true",
+        help="skip the single adapters (no relative score)",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    add_merge_arguments(parser, method_flag="--merge")
+    parser.set_defaults(func=run)
+
+
+def resolve_adapters(args: argparse.Namespace, base, library):
+    """``({task: cluster}, {task: (params, scale)}, how)`` from --assignment."""
+    import numpy as np
+
+    from d2c_jax.cluster.output import (
+        ASSIGNMENT_NAME,
+        load_clusters,
+        read_assignment,
+        task_adapters,
+    )
+    from d2c_jax.evaluate import merged_task_adapters
+    from d2c_jax.merging import merge_config_from_args
+    from d2c_jax.scoring import check_adapter_for_base
+
+    source: Path = args.assignment
+    if source.is_dir():
+        assignment, merged = load_clusters(source)
+        check_adapter_for_base(base, merged)
+        return (
+            assignment,
+            task_adapters(assignment, merged),
+            {"adapters": f"saved cluster adapters in {source}"},
+        )
+    if not source.exists():
+        raise FileNotFoundError(f"--assignment {source}: no such file or directory")
+    assignment = read_assignment(source)
+    if library is None:
+        raise ValueError(
+            f"--assignment {source} is a file: --library is needed to merge its clusters "
+            f"(or pass a clustering directory holding {ASSIGNMENT_NAME} and cluster_<k>/)"
+        )
+    missing = sorted(set(assignment) - set(library.names))
+    if missing:
+        raise ValueError(f"--assignment {source}: tasks {missing} are not in the library")
+    subset = library.subset([library.index(t) for t in assignment])
+    clusters = sorted(set(assignment.values()))
+    # Renumber so that clusters are 0..K-1 whatever indices the file uses.
+    assign = np.asarray([clusters.index(assignment[t]) for t in subset.names])
+    merge_config = merge_config_from_args(args, default_density=DEFAULT_MERGE.density)
+    adapters = merged_task_adapters(subset, assign, merge_config)
+    return (
+        assignment,
+        adapters,
+        {"adapters": "merged from --library", "merge": merge_config.to_dict()},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from d2c_jax.evaluate import (
+        average_metrics,
+        evaluate_adapters,
+        evaluate_cached,
+        relative_score,
+        relative_score_details,
+    )
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir
+    from d2c_jax.models import load_base
+    from d2c_jax.scoring import check_adapter_for_base
+    from d2c_jax.tasks import load_split
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    start = time.perf_counter()
+    needs_library = not args.no_relative or not args.assignment.is_dir()
+    library = None
+    if needs_library:
+        library_dir = args.library or embedded_library_dir()
+        library = AdapterLibrary.load(library_dir)
+    base = load_base(args.base)
+    if library is not None:
+        check_adapter_for_base(base, library)
+    assignment, adapters, how = resolve_adapters(args, base, library)
+    # Fail on a missing split before minutes of generation, naming the task.
+    for task in assignment:
+        load_split(args.tasks, task, args.split)
+    settings = dict(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit
+    )
+    scores = evaluate_adapters(base, adapters, args.tasks, args.split, **settings)
+    report = {
+        "command": "d2c evaluate",
+        "base": args.base,
+        "assignment": str(args.assignment),
+        "split": args.split,
+        "tasks_root": None if args.tasks is None else str(args.tasks),
+        **settings,
+        **how,
+        "num_clusters": len(set(assignment.values())),
+        "per_task": {t: {"cluster": assignment[t], **scores[t]} for t in assignment},
+        "average": average_metrics(scores),
+    }
+    if not args.no_relative:
+        missing = sorted(set(assignment) - set(library.names))
+        if missing:
+            raise ValueError(
+                f"tasks {missing} have no single adapter in {library_dir} for the relative "
+                "score; pass the right --library or --no-relative"
+            )
+        single = evaluate_cached(
+            base,
+            {t: library.adapter(library.index(t)) for t in assignment},
+            args.tasks,
+            args.split,
+            Path(library_dir) / SINGLE_CACHE,
+            **settings,
+        )
+        report["single_average"] = average_metrics(single)
+        report["relative_score"] = relative_score(scores, single)
+        report["relative_score_details"] = relative_score_details(scores, single)
+    report["seconds"] = time.perf_counter() - start
+    write_json_atomic(args.out, report)
+
+    print(f"{'task':<16} {'cluster':>7} {'exact':>7} {'chrF':>6} {'score':>6}")
+    for task, row in report["per_task"].items():
+        print(
+            f"{task:<16} {row['cluster']:>7} {100 * row['exact_match']:>6.1f}% "
+            f"{row['chrf']:>6.1f} {row['score']:>6.1f}"
+        )
+    avg = report["average"]
+    line = (
+        f"average over {len(assignment)} tasks: score {avg['score']:.1f}, "
+        f"exact {100 * avg['exact_match']:.1f}%"
+    )
+    if "relative_score" in report:
+        line += (
+            f"; single adapters {report['single_average']['score']:.1f}; "
+            f"relative score {report['relative_score']:.3f}"
+        )
+    print(f"{line}\n-> {args.out}")
+    return 0
