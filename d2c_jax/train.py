@@ -221,7 +221,7 @@ class LoraTrainer:
                 state = TrainState(**restored)
 
         start = time.perf_counter()
-        step = int(state.step)
+        step = resumed_from = int(state.step)
         stop_reason = "max_steps"
         last_loss = float("nan")
         bar = tqdm(total=cfg.max_steps, initial=step, desc=description, leave=False)
@@ -254,12 +254,16 @@ class LoraTrainer:
             if manager is not None and step % cfg.checkpoint_every == 0:
                 self._save(manager, step, lora, opt_state, best_lora, best_val, stale)
         bar.close()
+        if manager is not None:
+            manager.close()  # joins orbax's background threads; one manager per adapter
         record = {
             "steps": step,
             "stop_reason": stop_reason,
             "best_val_nll": best_val,
             "last_train_loss": last_loss,
             "seconds_this_run": time.perf_counter() - start,
+            # Wall time is not checkpointed: a resumed adapter's seconds cover this run.
+            "resumed_from_step": resumed_from,
             "num_train": num_train,
             "num_val": cfg.val_examples,
         }

@@ -103,7 +103,7 @@ def _train_cmd(hf_dir, tasks_dir, out):
         "--alpha",
         "8",
         "--max-steps",
-        "240",
+        "100",
         "--checkpoint-every",
         "5",
         "--batch-size",
@@ -142,8 +142,14 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_hf_dir, tmp_path):
     )
     checkpoints = tmp_path / "killed" / ".checkpoints" / "copy_b"
     deadline = time.time() + 300
-    while time.time() < deadline and not (checkpoints.exists() and any(checkpoints.glob("[0-9]*"))):
-        time.sleep(0.2)
+
+    # orbax writes into a temporary directory and renames it to the bare step when done;
+    # the first one lands at step 5 of 100, so the kill falls mid-adapter
+    def finalized():
+        return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+    while time.time() < deadline and not finalized():
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (tmp_path / "killed" / "copy_a" / "train_record.json").is_file()
@@ -154,6 +160,10 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_hf_dir, tmp_path):
         env=env,
         capture_output=True,
     )
+    record = lambda run, task: json.loads((tmp_path / run / task / "train_record.json").read_text())
+    assert record("full", "copy_b")["resumed_from_step"] == 0
+    assert record("killed", "copy_b")["resumed_from_step"] % 5 == 0
+    assert record("killed", "copy_b")["resumed_from_step"] > 0
     full = AdapterLibrary.load(tmp_path / "full")
     resumed = AdapterLibrary.load(tmp_path / "killed")
     assert full.names == resumed.names == ("copy_a", "copy_b")
