@@ -29,6 +29,8 @@ Fixtures (use them in any test module, no import needed):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,6 +108,24 @@ def random_lora(config, modules=("q_proj", "v_proj"), rank=4, n=None, seed=0, st
         b = std * rng.standard_normal((*lead, config.num_layers, d_out, rank))
         out[m] = {"A": a.astype(np.float32), "B": b.astype(np.float32)}
     return out
+
+
+def save_random_library(path, config, names, seed=0, std=0.1, rank=4, alpha=8):
+    """Write a library directory of random float32 PEFT adapters, one per name."""
+    import jax.numpy as jnp
+
+    from d2c_jax.library import save_peft_adapter
+
+    params = random_lora(config, rank=rank, n=len(names), seed=seed, std=std)
+    for i, name in enumerate(names):
+        save_peft_adapter(
+            Path(path) / name,
+            {m: {f: jnp.asarray(x[i]) for f, x in fs.items()} for m, fs in params.items()},
+            rank=rank,
+            alpha=alpha,
+            base_model="tiny-llama",
+            dtype=jnp.float32,
+        )
 
 
 TINY_TASKS = {

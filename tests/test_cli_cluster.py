@@ -9,13 +9,12 @@ import subprocess
 import sys
 import time
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from d2c_jax.cli import main
-from d2c_jax.library import AdapterLibrary, save_peft_adapter
-from tests.conftest import random_lora
+from d2c_jax.library import AdapterLibrary
+from tests.conftest import save_random_library
 
 NUM_TASKS = 12
 
@@ -24,19 +23,11 @@ NUM_TASKS = 12
 def tiny_setup(tmp_path_factory, tiny_hf_dir, tiny_config):
     """A tiny base on disk, a library of 12 PEFT adapters and dev examples per task."""
     root = tmp_path_factory.mktemp("cluster_cli")
-    params = random_lora(tiny_config, n=NUM_TASKS, seed=7, std=0.3)
+    names = [f"task{i:02d}" for i in range(NUM_TASKS)]
+    save_random_library(root / "library", tiny_config, names, seed=7, std=0.3)
     rng = np.random.default_rng(0)
     words = ["cat", "dog", "sun", "sky", "tree", "lora", "jax", "merge"]
-    for i in range(NUM_TASKS):
-        name = f"task{i:02d}"
-        save_peft_adapter(
-            root / "library" / name,
-            {m: {f: jnp.asarray(x[i]) for f, x in fs.items()} for m, fs in params.items()},
-            rank=4,
-            alpha=8,
-            base_model="tiny-llama",
-            dtype=jnp.float32,
-        )
+    for name in names:
         (root / "examples" / name).mkdir(parents=True)
         lines = [
             json.dumps({"prompt": f"{name} {rng.choice(words)}", "target": str(rng.choice(words))})

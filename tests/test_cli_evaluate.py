@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from d2c_jax.cli import main
 from d2c_jax.cluster.output import load_clusters, save_clusters, task_adapters
 from d2c_jax.evaluate import normalize
-from d2c_jax.library import AdapterLibrary, save_peft_adapter
+from d2c_jax.library import AdapterLibrary
 from d2c_jax.merging import DEFAULT_MERGE
 from d2c_jax.scoring import generate
-from tests.conftest import random_lora
+from tests.conftest import save_random_library
 
 TASKS = ("alpha", "beta", "delta", "gamma")  # sorted: the library orders by name
 ASSIGN = np.asarray([0, 1, 0, 1])
@@ -33,16 +32,7 @@ def setup(tmp_path_factory, tiny_base, tiny_hf_dir, tiny_config):
     """A library of 4 tiny adapters, a saved 2-cluster clustering, and a test split per
     task whose targets are the cluster adapter's own greedy answers."""
     root = tmp_path_factory.mktemp("evaluate_cli")
-    params = random_lora(tiny_config, n=len(TASKS), seed=11, std=0.6)
-    for i, name in enumerate(TASKS):
-        save_peft_adapter(
-            root / "library" / name,
-            {m: {f: jnp.asarray(x[i]) for f, x in fs.items()} for m, fs in params.items()},
-            rank=4,
-            alpha=8,
-            base_model="tiny-llama",
-            dtype=jnp.float32,
-        )
+    save_random_library(root / "library", tiny_config, TASKS, seed=11, std=0.6)
     library = AdapterLibrary.load(root / "library")
     save_clusters(root / "clustering", library, ASSIGN, DEFAULT_MERGE)
     assignment, merged = load_clusters(root / "clustering")
