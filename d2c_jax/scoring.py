@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2c_jax import sharding
 from d2c_jax.models.llama import check_adapter, forward_hidden, logits_from_hidden, rms_norm
 from kernels.loss import DEFAULT_VOCAB_CHUNK, masked_example_nll, packed_example_nll
 
@@ -545,6 +546,7 @@ def score_candidates(
     pack_len: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     bucket: int = DEFAULT_BUCKET,
+    mesh: jax.sharding.Mesh | None = None,
     return_stats: bool = False,
 ):
     """Score C candidate adapters, each on its own examples from an encoded bank.
@@ -567,6 +569,10 @@ def score_candidates(
         row padded to the longest; short examples then waste little compute on padding.
       pack_len: row length when packing (default: 128, or the longest example rounded
         up to `bucket` if longer).
+      mesh: devices to split the candidate axis over (`d2c_jax.sharding`; default: all
+        visible devices). Each chunk is padded to a multiple of the device count; the
+        base is replicated (place it once with ``sharding.put(base, mesh, BASE)`` to
+        avoid a copy per call).
       return_stats: also return a dict (chunks, chunk size, shapes, real vs computed
         token counts).
 
@@ -613,7 +619,9 @@ def score_candidates(
         )
         per += candidate_param_bytes(candidates)
         chunk_size = max(1, min(n_cand, max_chunk_bytes // max(per, 1)))
-    chunk_size = int(min(chunk_size, n_cand))
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    chunk_size = sharding.round_to_devices(int(min(chunk_size, n_cand)), mesh)
+    base = sharding.put(base, mesh, sharding.BASE)
 
     out = np.empty((n_cand, m), np.float32)
     n_chunks = math.ceil(n_cand / chunk_size)
@@ -628,12 +636,15 @@ def score_candidates(
             chunk_scale = None if scale_arr is None else scale_arr[sel]
         if chunk_scale is None:
             chunk_scale = jnp.ones((chunk_size,), jnp.float32)
+        chunk, chunk_scale, chunk_rows = sharding.put(
+            (chunk, chunk_scale, tuple(a[sel_np] for a in arrays)), mesh, sharding.CANDIDATES
+        )
         if pack:
             nll = _packed_candidate_nll_jit(
                 base,
                 chunk,
                 chunk_scale,
-                *(a[sel_np] for a in arrays),
+                *chunk_rows,
                 num_examples=m,
                 max_labels=max_labels,
                 vocab_chunk=vocab_chunk,
@@ -643,17 +654,18 @@ def score_candidates(
                 base,
                 chunk,
                 chunk_scale,
-                *(a[sel_np] for a in arrays),
+                *chunk_rows,
                 max_labels=max_labels,
                 vocab_chunk=vocab_chunk,
             )
-        out[lo:hi] = np.asarray(nll)[: hi - lo]
+        out[lo:hi] = sharding.fetch(nll)[: hi - lo]
     out[~example_valid] = np.nan
     if return_stats:
         real = int(bank.lengths[example_idx][example_valid].sum())
         stats = {
             "chunks": n_chunks,
             "chunk_size": chunk_size,
+            "devices": sharding.num_devices(mesh),
             "packed": pack,
             "rows_per_candidate": rows,
             "seq_len": seq_len,

@@ -57,6 +57,19 @@ def test_move_deltas_equal_brute_force():
                 assert deltas[i, b] == pytest.approx(expected, abs=1e-9)
 
 
+def test_move_deltas_scores_only_the_selected_pairs():
+    objective = PairwiseObjective(GROUPS)
+    assign = random_assignment(12, 3, seed=1)
+    full = move_deltas(assign, 3, CachedObjective(objective), np.arange(12))
+    pairs = np.random.default_rng(0).random((12, 3)) < 0.3
+    cached = CachedObjective(objective)
+    some = move_deltas(assign, 3, cached, np.arange(12), pairs)
+    np.testing.assert_array_equal(some, np.where(pairs, full, np.inf))
+    # the K clusters, plus per mover with a wanted move its source and wanted destinations
+    wanted = pairs & np.isfinite(full)
+    assert cached.evaluations == 3 + wanted.any(1).sum() + wanted.sum()
+
+
 @pytest.mark.parametrize("mode", ["best", "sweep"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_recovers_planted_groups_monotonically(mode, seed):

@@ -27,6 +27,16 @@ Modes:
 Moves that would empty a cluster are never considered. The search stops when no
 move improves J by more than `tol` or after `max_iters` iterations.
 
+Screening (``best`` mode, ``screen_top = M > 0``, off by default): the objective's
+first-order estimate of every move (`DevObjective.first_order_moves`, stated in
+`kernels.screening`) ranks the candidates; only the M best-estimated moves plus a
+seeded random sample of `screen_sample` moves are scored exactly. Reliability
+check: if the Spearman correlation between estimate and exact change on that
+sample is below `screen_min_corr`, or no exactly scored move improves J, every
+move of the iteration is scored exactly (so a screened search stops only where the
+exact one would). Only exactly scored moves are ever applied, so J never
+increases; with M at least the number of candidates it is the exact search.
+
 Resumability: with a checkpoint directory the state (assignment, iteration, log
 and the score cache) is saved with orbax after every iteration; a resumed run
 continues from the last saved iteration and reaches the same assignment as an
@@ -48,6 +58,7 @@ from tqdm.auto import tqdm
 from d2c_jax.cluster.base import ClusteringResult, membership_mask
 from d2c_jax.cluster.parameter import KMeansClustering, RandomClustering
 from d2c_jax.library import AdapterLibrary
+from kernels.screening import spearman
 
 
 class Objective(Protocol):
@@ -103,27 +114,36 @@ class CachedObjective:
             self.cache[self.key(mask)] = np.asarray(values, np.float64)
 
 
-def move_deltas(assign: np.ndarray, k: int, cached: CachedObjective, movers: np.ndarray):
+def move_deltas(
+    assign: np.ndarray,
+    k: int,
+    cached: CachedObjective,
+    movers: np.ndarray,
+    pairs: np.ndarray | None = None,
+):
     """Change of N*J for moving each adapter in `movers` to each cluster.
 
-    Returns ``[len(movers), K]`` (inf where the move is a no-op or would empty a
-    cluster) from one batched evaluation of all needed member sets: the K current
-    clusters first, then per mover its source set and its K-1 destination sets.
+    Returns ``[len(movers), K]`` (inf where the move is a no-op, would empty a
+    cluster, or is not in `pairs`) from one batched evaluation of all needed member
+    sets: the K current clusters first, then per mover its source set and its
+    destination sets. ``pairs [len(movers), K]`` bool selects the moves to score
+    (default: all).
     """
     current = membership_mask(assign, k)  # [K, N]
     sizes = current.sum(1)
     masks = list(current)
     slots: dict[tuple[int, int], tuple[int, int]] = {}  # (mover row, b) -> (source, dest)
+    wanted = np.ones((len(movers), k), bool) if pairs is None else np.asarray(pairs, bool)
     for row, i in enumerate(movers):
         a = assign[i]
-        if sizes[a] == 1:
-            continue  # moving i would empty its cluster
+        if sizes[a] == 1 or not np.delete(wanted[row], a).any():
+            continue  # moving i would empty its cluster, or no move of i is wanted
         source = current[a].copy()
         source[i] = False
         masks.append(source)
         source_slot = len(masks) - 1
         for b in range(k):
-            if b != a:
+            if b != a and wanted[row, b]:
                 dest = current[b].copy()
                 dest[i] = True
                 masks.append(dest)
@@ -146,6 +166,11 @@ class D2CClustering:
       max_iters: upper bound on iterations.
       tol: a move must lower J by more than this (nats/token averaged over tasks).
       kmeans: settings of the K-Means initialisation.
+      screen_top: M > 0 turns on first-order screening (``best`` mode only): only the
+        M best-estimated moves (plus the reliability sample) are scored exactly.
+      screen_sample: moves scored exactly at random to check the estimate's ranking.
+      screen_min_corr: below this Spearman correlation on the sample, the iteration
+        scores every move exactly.
     """
 
     name: ClassVar[str] = "d2c"
@@ -154,6 +179,9 @@ class D2CClustering:
     max_iters: int = 50
     tol: float = 1e-4
     kmeans: KMeansClustering = KMeansClustering()
+    screen_top: int = 0
+    screen_sample: int = 16
+    screen_min_corr: float = 0.5
 
     def __post_init__(self):
         if self.init not in ("kmeans", "random"):
@@ -162,6 +190,10 @@ class D2CClustering:
             raise ValueError(f"mode must be 'best' or 'sweep', got {self.mode!r}")
         if self.max_iters < 0 or self.tol < 0:
             raise ValueError("max_iters and tol must be non-negative")
+        if self.screen_top < 0 or self.screen_sample < 3:
+            raise ValueError("screen_top must be >= 0 and screen_sample >= 3")
+        if self.screen_top and self.mode != "best":
+            raise ValueError("screening (screen_top > 0) needs mode='best'")
 
     def initial_assignment(self, library: AdapterLibrary, k: int, seed: int) -> np.ndarray:
         method = self.kmeans if self.init == "kmeans" else RandomClustering()
@@ -185,6 +217,8 @@ class D2CClustering:
         n = library.num_adapters
         # A CachedObjective passed in is shared (e.g. across the cells of a sweep).
         cached = objective if isinstance(objective, CachedObjective) else CachedObjective(objective)
+        if self.screen_top and not hasattr(cached.objective, "first_order_moves"):
+            raise ValueError("screening needs an objective with first_order_moves (DevObjective)")
         checkpoint = _SearchCheckpoint(checkpoint_dir) if checkpoint_dir else None
         restored = checkpoint.restore() if checkpoint else None
         if restored is not None:
@@ -213,7 +247,9 @@ class D2CClustering:
         while not done and iteration < self.max_iters:
             start = time.perf_counter()
             before = cached.evaluations
-            assign, moves, considered = self._iterate(assign, k, cached, seed, iteration + 1)
+            assign, moves, considered, screened = self._iterate(
+                assign, k, cached, seed, iteration + 1
+            )
             iteration += 1
             seconds = time.perf_counter() - start
             objective_value = cached.cluster_losses(membership_mask(assign, k)).sum() / n
@@ -231,6 +267,7 @@ class D2CClustering:
                     "candidates_considered": considered,
                     "seconds": seconds,
                     "converged": done,
+                    **({"screening": screened} if screened else {}),
                 }
             )
             bar.update(1)
@@ -251,22 +288,30 @@ class D2CClustering:
                 "candidates_scored": cached.evaluations,
                 "init": self.init,
                 "mode": self.mode,
+                "screen_top": self.screen_top,
             },
         )
 
     def _iterate(self, assign, k, cached, seed, iteration):
-        """One iteration; returns (new assign, [(i, from, to, dJ)], candidates considered)."""
+        """One iteration; returns (new assign, [(i, from, to, dJ)], candidates considered,
+        screening record or None)."""
         n = assign.shape[0]
         assign = assign.copy()
         if self.mode == "best":
-            deltas = move_deltas(assign, k, cached, np.arange(n)) / n  # [N, K]
+            screened = None
+            if self.screen_top:
+                deltas, screened = self._screened_deltas(assign, k, cached, seed, iteration)
+            else:
+                deltas = move_deltas(assign, k, cached, np.arange(n)) / n  # [N, K]
             i, b = np.unravel_index(np.argmin(deltas), deltas.shape)
-            considered = int(np.isfinite(deltas).sum())
+            considered = (
+                int(np.isfinite(deltas).sum()) if screened is None else screened["candidates"]
+            )
             if deltas[i, b] < -self.tol:
                 move = (int(i), int(assign[i]), int(b), float(deltas[i, b]))
                 assign[i] = b
-                return assign, [move], considered
-            return assign, [], considered
+                return assign, [move], considered, screened
+            return assign, [], considered, screened
         moves, considered = [], 0
         order = np.random.default_rng([seed, iteration]).permutation(n)
         for i in order:
@@ -276,7 +321,37 @@ class D2CClustering:
             if deltas[b] < -self.tol:
                 moves.append((int(i), int(assign[i]), b, float(deltas[b])))
                 assign[i] = b
-        return assign, moves, considered
+        return assign, moves, considered, None
+
+    def _screened_deltas(self, assign, k, cached, seed, iteration):
+        """``[N, K]`` changes of J: exact for the screened moves, inf elsewhere (module
+        docstring); falls back to every move exactly when the estimate is unreliable."""
+        n = assign.shape[0]
+        estimate = cached.objective.first_order_moves(assign, k)  # [N, K], change of N*J
+        valid = np.flatnonzero(np.isfinite(estimate).ravel())
+        top = valid[np.argsort(estimate.ravel()[valid], kind="stable")[: self.screen_top]]
+        rng = np.random.default_rng([seed, iteration])
+        sample = rng.choice(valid, size=min(self.screen_sample, len(valid)), replace=False)
+        chosen = np.zeros(n * k, bool)
+        chosen[top] = chosen[sample] = True
+        pairs = chosen.reshape(n, k)
+        deltas = move_deltas(assign, k, cached, np.arange(n), pairs) / n
+        corr = float(spearman(estimate.ravel()[sample], deltas.ravel()[sample]))
+        fallback = None
+        if chosen.sum() < len(valid):
+            if not corr >= self.screen_min_corr:  # also catches NaN
+                fallback = "rank correlation below screen_min_corr"
+            elif not deltas.min() < -self.tol:
+                fallback = "no improving move among the screened"
+        if fallback:
+            deltas = move_deltas(assign, k, cached, np.arange(n)) / n
+        record = {
+            "candidates": len(valid),
+            "scored_exactly": len(valid) if fallback else int(chosen.sum()),
+            "rank_corr": corr,
+            "fallback": fallback,
+        }
+        return deltas, record
 
 
 class _SearchCheckpoint:

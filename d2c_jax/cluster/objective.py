@@ -13,19 +13,44 @@ as ``x delta^T``), which skips a rank-r SVD per module and candidate; with
 ``score_deployed=True`` they are truncated to rank r first, so the search scores
 exactly the adapters it would deploy. `benchmarks/bench_d2c.py` measures how much
 the two rankings differ.
+
+Screening: `DevObjective.first_order_moves(assign, k)` estimates the change of
+``N * J`` of every move from one forward of every task under every current merge,
+one backward pass per cluster (gradient of its summed loss w.r.t. its merged
+delta) and the exact merged deltas of the moved-from and moved-to sets (no forward
+pass for them); the approximation is stated in `kernels.screening`. It always
+uses the untruncated merged delta, also with ``score_deployed``.
+
+Devices: the objective owns a `jax.sharding.Mesh` (`d2c_jax.sharding`). The base is
+replicated once, the prepared library is split over its adapter axis, and each
+chunk of candidates (membership rows, merged adapters, token rows) is split over
+the devices, so the merge and the scoring of a chunk run in parallel; results do
+not depend on the device count beyond float summation order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2c_jax import merging
+from d2c_jax import merging, sharding
+from d2c_jax.cluster.base import membership_mask
 from d2c_jax.library import AdapterLibrary
-from d2c_jax.scoring import encode_examples, score_candidates, task_mean_nll
+from d2c_jax.scoring import (
+    DEFAULT_BUCKET,
+    encode_examples,
+    pack_examples,
+    packed_nll,
+    round_up,
+    score_candidates,
+    task_mean_nll,
+)
+from kernels import screening
 from kernels.merge import MergeConfig
 
 
@@ -37,10 +62,13 @@ class ObjectiveConfig:
       score_deployed: truncate merged deltas to rank r before scoring (exact but slower).
       candidates_per_call: candidates merged and scored per jitted call; bounds memory
         (each holds its dense deltas, about 53 MB for SmolLM2-135M q,v in float32).
+        Rounded up to a multiple of the device count.
+      devices: devices to split candidates over (default: all visible devices).
     """
 
     score_deployed: bool = False
     candidates_per_call: int = 8
+    devices: int | None = None
 
 
 def check_examples(library: AdapterLibrary, examples: Mapping[str, Sequence[dict]]) -> None:
@@ -68,13 +96,17 @@ class DevObjective:
         config: ObjectiveConfig = ObjectiveConfig(),
     ):
         check_examples(library, examples)
-        self.base = base
+        self.mesh = sharding.make_mesh(config.devices)
+        self.base = sharding.put(base, self.mesh, sharding.BASE)
         self.library = library
         self.config = config
         self.num_tasks = library.num_adapters
-        self.prepared = merging.prepare(
-            library.params, library.scale, merge_config, names=library.names
+        self.prepared = sharding.put(
+            merging.prepare(library.params, library.scale, merge_config, names=library.names),
+            self.mesh,
+            sharding.LIBRARY,
         )
+        self.candidates_per_call = sharding.round_to_devices(config.candidates_per_call, self.mesh)
         flat, task_of = [], []
         for t, name in enumerate(library.names):
             flat.extend(examples[name])
@@ -99,8 +131,9 @@ class DevObjective:
         return index, valid
 
     def candidate_adapters(self, masks: np.ndarray):
-        """Merged adapters of the rows of ``masks [C, N]`` in the form that is scored."""
-        membership = jnp.asarray(masks, jnp.float32)
+        """Merged adapters of the rows of ``masks [C, N]`` in the form that is scored
+        (C a multiple of the device count)."""
+        membership = sharding.put(np.asarray(masks, np.float32), self.mesh, sharding.CANDIDATES)
         if self.config.score_deployed:
             merged = merging.merged_factors(self.prepared, membership)
             return merged.params, merged.scale
@@ -114,7 +147,7 @@ class DevObjective:
         if not masks.any(axis=1).all():
             raise ValueError("every candidate needs at least one member")
         out = np.zeros(masks.shape, np.float64)
-        step = self.config.candidates_per_call
+        step = self.candidates_per_call
         # Merged dense deltas are large, so merge and score one chunk at a time.
         for start in range(0, len(masks), step):
             chunk = masks[start : start + step]
@@ -123,9 +156,121 @@ class DevObjective:
             index, valid = self._gather_plan(padded)
             adapters, scale = self.candidate_adapters(padded)
             nll = score_candidates(
-                self.base, adapters, self.bank, index, valid, scale=scale, chunk_size=step
+                self.base,
+                adapters,
+                self.bank,
+                index,
+                valid,
+                scale=scale,
+                chunk_size=step,
+                mesh=self.mesh,
             )  # [C, M], NaN where invalid
             per_task = task_mean_nll(nll, self.task_of[index], self.num_tasks)  # [C, N]
             out[start : start + len(chunk)] = np.nan_to_num(per_task[: len(chunk)], nan=0.0)
         self.evaluations += len(masks)
         return out
+
+    # ------------------------------------------------------------------ screening
+
+    def _pad(self, masks: np.ndarray) -> np.ndarray:
+        """Pad rows (repeating the first) to a multiple of the device count."""
+        rows = sharding.round_to_devices(len(masks), self.mesh)
+        return np.concatenate([masks, np.repeat(masks[:1], rows - len(masks), 0)])
+
+    def _merged(self, masks: np.ndarray):
+        membership = sharding.put(np.asarray(masks, np.float32), self.mesh, sharding.CANDIDATES)
+        return merging.merged_deltas(self.prepared, membership)
+
+    def cross_losses(self, masks: np.ndarray) -> np.ndarray:
+        """``masks [C, N]`` -> ``[C, N]``: mean dev NLL of *every* task under each row's
+        merge (untruncated delta)."""
+        padded = self._pad(np.asarray(masks, bool))
+        m = self.bank.num_examples
+        index = np.tile(np.arange(m), (len(padded), 1))
+        nll = score_candidates(
+            self.base,
+            self._merged(padded),
+            self.bank,
+            index,
+            chunk_size=self.candidates_per_call,
+            mesh=self.mesh,
+        )
+        return task_mean_nll(nll, self.task_of[index], self.num_tasks)[: len(masks)]
+
+    def cluster_gradients(self, masks: np.ndarray):
+        """``masks [C, N]`` -> (merged deltas, gradients of ``S(row)`` w.r.t. them), both
+        ``{module: {"delta": [C', L, d_out, d_in]}}`` with C' = C padded to the devices."""
+        padded = self._pad(np.asarray(masks, bool))
+        merged = self._merged(padded)
+        index, valid = self._gather_plan(padded)
+        per_task = np.asarray([len(e) for e in self.examples_of], np.float32)
+        weights = np.where(valid, 1.0 / per_task[self.task_of[index]], 0.0).astype(np.float32)
+        longest = int(self.bank.lengths[index][valid].max())
+        packed = pack_examples(
+            self.bank, index, valid, max(128, round_up(longest, DEFAULT_BUCKET)), DEFAULT_BUCKET
+        )
+        rows = (packed.tokens, packed.segments, packed.positions, packed.loss_mask, packed.slots)
+        grads = _cluster_gradients(
+            self.base,
+            merged,
+            *sharding.put((*rows, weights), self.mesh, sharding.CANDIDATES),
+            num_examples=index.shape[1],
+            max_labels=packed.max_labels,
+        )
+        return merged, grads
+
+    def first_order_moves(self, assign: np.ndarray, k: int) -> np.ndarray:
+        """Estimated change of ``N * J`` of every move ``i -> b``: ``[N, K]`` float64,
+        ``+inf`` where b is i's cluster or the move would empty a cluster."""
+        n = self.num_tasks
+        masks = membership_mask(assign, k)
+        cross = self.cross_losses(masks)  # [K, N]
+        current, grads = self.cluster_gradients(masks)
+        eye = np.eye(n, dtype=bool)
+        sources = masks[assign] & ~eye  # [N, N]: row i = a(i) - i
+        dests = (masks[None, :, :] | eye[:, None, :]).reshape(n * k, n)  # row i*K+b = b + i
+        candidates = np.concatenate([sources, dests])
+        cluster = np.concatenate([assign, np.tile(np.arange(k), n)])
+        changes = np.empty(len(cluster))
+        step = self.candidates_per_call
+        for start in range(0, len(cluster), step):
+            rows = candidates[start : start + step]
+            sel = cluster[start : start + step]
+            pad = step - len(rows)
+            rows = np.concatenate([rows, np.repeat(rows[:1], pad, 0)])
+            sel = np.concatenate([sel, np.repeat(sel[:1], pad)])
+            take = lambda tree, sel=sel: jax.tree.map(lambda x: x[jnp.asarray(sel)], tree)
+            change = _directional_change(take(grads), self._merged(rows), take(current))
+            changes[start : start + len(rows) - pad] = sharding.fetch(change)[: step - pad]
+        onehot = masks.T.astype(np.float32)
+        estimate = np.asarray(
+            screening.estimate_moves(onehot, cross, changes[:n], changes[n:].reshape(n, k)),
+            np.float64,
+        )
+        estimate[masks.sum(1)[assign] == 1] = np.inf  # moving would empty the cluster
+        return estimate
+
+
+_directional_change = jax.jit(screening.directional_change)
+
+
+@functools.partial(jax.jit, static_argnames=("num_examples", "max_labels"))
+def _cluster_gradients(base, deltas, *rows_and_weights, num_examples, max_labels):
+    """Per row c: gradient of ``sum_m weights[c, m] * nll[c, m]`` w.r.t. ``deltas[c]``."""
+
+    def loss(delta, tokens, segments, positions, loss_mask, slots, weights):
+        nll = packed_nll(
+            base,
+            delta,
+            1.0,
+            tokens,
+            segments,
+            positions,
+            loss_mask,
+            slots,
+            num_examples=num_examples,
+            max_labels=max_labels,
+        )
+        return jnp.sum(weights * nll)
+
+    return jax.vmap(jax.grad(loss))(deltas, *rows_and_weights)

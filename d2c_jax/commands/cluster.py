@@ -6,6 +6,13 @@ Output directory layout:
   log.jsonl         per iteration: objective, moves, candidates scored, seconds
   manifest.json     settings, versions, objective, storage bytes vs the library's
   .search/          D2C's orbax checkpoints while a run is unfinished (for --resume)
+
+Devices: candidate scoring is split over ``--devices`` devices (default: all visible;
+see `d2c_jax.sharding`). The device count is not a setting of the result (it changes
+only float summation order), so a run may be resumed on another count. With
+``--distributed`` every host runs the same command after `jax.distributed.initialize`
+(docs/ARCHITECTURE.md, "Scaling out"); process 0 writes OUT, and such runs keep no
+checkpoints (orbax would need every process to share OUT).
 """
 
 from __future__ import annotations
@@ -72,6 +79,41 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--candidates-per-call", type=int, default=8, help="memory bound of a scoring call"
     )
+    parser.add_argument(
+        "--screen-top",
+        type=int,
+        default=0,
+        metavar="M",
+        help="d2c best mode: score exactly only the M moves with the best first-order estimate "
+        "(plus a random sample that checks the estimate's ranking); 0 = off (default)",
+    )
+    parser.add_argument(
+        "--screen-sample", type=int, default=16, help="moves scored at random to check screening"
+    )
+    parser.add_argument(
+        "--screen-min-corr",
+        type=float,
+        default=0.5,
+        help="below this rank correlation on the sample an iteration scores every move exactly",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="devices to split candidate scoring over (default: all visible devices)",
+    )
+    multi = parser.add_argument_group(
+        "multi-host", "run the same command on every host (docs/ARCHITECTURE.md, Scaling out)"
+    )
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first; on Slurm, Open MPI and Cloud TPU the "
+        "three flags below are detected, elsewhere give them",
+    )
+    multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resume", action="store_true", help="continue an unfinished run")
     parser.add_argument("--force", action="store_true", help="replace an existing OUT")
@@ -94,6 +136,9 @@ def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
         "max_iters": args.max_iters,
         "tol": args.tol,
         "score_deployed": args.score_deployed,
+        "screen_top": args.screen_top,
+        "screen_sample": args.screen_sample,
+        "screen_min_corr": args.screen_min_corr,
         "seed": args.seed,
         "merge": merge_config.to_dict(),
     }
@@ -123,6 +168,16 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool)
 def run(args: argparse.Namespace) -> int:
     import jax
 
+    if args.distributed:
+        # Must precede every other JAX call of the process. CPU devices of different
+        # processes need a collectives backend for the merge's all-reduces.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    writer = jax.process_index() == 0
     from d2c_jax import cluster as clustering
     from d2c_jax import tasks as task_suite
     from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
@@ -141,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, merge_config)
     library = AdapterLibrary.load(library_dir)
     k = clustering.resolve_budget(args.budget, library)
-    _prepare_out(args.out, settings, args.resume, args.force)
+    if writer:
+        _prepare_out(args.out, settings, args.resume, args.force)
 
     wants_objective = args.method == "d2c" or args.examples is not None
     objective = None
@@ -163,17 +219,30 @@ def run(args: argparse.Namespace) -> int:
             examples,
             merge_config,
             ObjectiveConfig(
-                score_deployed=args.score_deployed, candidates_per_call=args.candidates_per_call
+                score_deployed=args.score_deployed,
+                candidates_per_call=args.candidates_per_call,
+                devices=args.devices,
             ),
         )
 
     start = time.perf_counter()
     if args.method == "d2c":
         method = clustering.D2CClustering(
-            init=args.init, mode=args.mode, max_iters=args.max_iters, tol=args.tol
+            init=args.init,
+            mode=args.mode,
+            max_iters=args.max_iters,
+            tol=args.tol,
+            screen_top=args.screen_top,
+            screen_sample=args.screen_sample,
+            screen_min_corr=args.screen_min_corr,
         )
+        single = jax.process_count() == 1
         result = method.fit(
-            library, k, args.seed, objective, checkpoint_dir=args.out / SEARCH_DIR / "ckpt"
+            library,
+            k,
+            args.seed,
+            objective,
+            checkpoint_dir=args.out / SEARCH_DIR / "ckpt" if single else None,
         )
     else:
         method = clustering.METHODS[args.method]()
@@ -184,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
         masks = clustering.membership_mask(result.assign, k)
         dev_objective = float(objective.task_losses(masks).sum() / library.num_adapters)
 
+    if not writer:
+        return 0
     masks = clustering.membership_mask(result.assign, k)
     merged = merge(
         library.params, library.scale, masks.astype("float32"), merge_config, names=library.names
