@@ -149,17 +149,20 @@ class LoraTrainer:
         self.module_shapes = base.module_shapes(config.target_modules)
         scale = config.scale
 
-        def loss_fn(lora, tokens, loss_mask):
+        # The base model is an argument of the jitted functions, never a closure: a
+        # closed-over model is baked into every executable as constants (0.5 GB for
+        # SmolLM2-135M per compiled shape, which grew a library build to 9 GB of RSS).
+        def loss_fn(lora, base, tokens, loss_mask):
             return example_nll(base, lora, scale, tokens, loss_mask).mean()
 
-        def train_step(lora, opt_state, tokens, loss_mask):
-            loss, grads = jax.value_and_grad(loss_fn)(lora, tokens, loss_mask)
+        def train_step(base, lora, opt_state, tokens, loss_mask):
+            loss, grads = jax.value_and_grad(loss_fn)(lora, base, tokens, loss_mask)
             updates, opt_state = self.optimizer.update(grads, opt_state, lora)
             return optax.apply_updates(lora, updates), opt_state, loss
 
-        self._train_step = jax.jit(train_step, donate_argnums=(0, 1))
+        self._train_step = jax.jit(train_step, donate_argnums=(1, 2))
         self._val_nll = jax.jit(
-            lambda lora, tokens, mask: example_nll(base, lora, scale, tokens, mask)
+            lambda base, lora, tokens, mask: example_nll(base, lora, scale, tokens, mask)
         )
 
     def initial_state(self, seed: int) -> TrainState:
@@ -177,7 +180,7 @@ class LoraTrainer:
 
     def validation_nll(self, lora: LoraParams, val: EncodedExamples) -> float:
         """Token-weighted mean NLL over the validation slice."""
-        per_example = self._val_nll(lora, val.tokens, val.loss_mask)
+        per_example = self._val_nll(self.base, lora, val.tokens, val.loss_mask)
         weights = val.loss_mask.sum(axis=1)
         return float((per_example * weights).sum() / weights.sum())
 
@@ -231,7 +234,7 @@ class LoraTrainer:
         while step < cfg.max_steps:
             idx = batch_indices(cfg.seed, step, num_train, cfg.batch_size)
             lora, opt_state, loss = self._train_step(
-                lora, opt_state, train_tokens[idx], train_mask[idx]
+                self.base, lora, opt_state, train_tokens[idx], train_mask[idx]
             )
             step += 1
             bar.update(1)
