@@ -4,8 +4,10 @@
 
 Methods random, kmeans, mbc and d2c at budgets of 12.5%, 25% and 50% of the
 embedded library, over several seeds, plus reference rows: all single adapters
-(100% storage), one merged adapter, and the base model (raw prompt and chat
-prompt). Every method's clusters are merged with the engine's default merge
+(100% storage), one merged adapter, the groupings by language and by problem type,
+and the base model (raw prompt and chat prompt); these come from the library's
+evaluation cache that `make library` fills (`d2c_jax.build_library.SETTINGS`).
+Every method's clusters are merged with the engine's default merge
 (`d2c_jax.merging.DEFAULT_MERGE`) and evaluated on each task's *test* split,
 which clustering never reads (D2C's objective uses only the 10 dev examples per
 task). Each row reports the mean and standard deviation over seeds of the
@@ -36,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
+from d2c_jax.build_library import SETTINGS  # noqa: E402
 from d2c_jax.library import write_json_atomic  # noqa: E402
 
 METHODS = ("random", "kmeans", "mbc", "d2c")
@@ -55,7 +58,8 @@ class Sweep:
 
         self.out = out
         self.args = args
-        self.library = AdapterLibrary.load(args.library or embedded_library_dir())
+        self.library_dir = Path(args.library or embedded_library_dir())
+        self.library = AdapterLibrary.load(self.library_dir)
         self.base = load_base("default")
         self.merge_config = DEFAULT_MERGE
         dev = {name: task_suite.load_split(None, name, "dev") for name in self.library.names}
@@ -65,13 +69,23 @@ class Sweep:
         self.cache_path = out / "objective_cache.npz"
         if self.cache_path.is_file():
             with np.load(self.cache_path) as data:
-                self.objective.load_state({"keys": data["keys"], "values": data["values"]})
+                # Scores are valid for one library only (a library being built grows).
+                if data["names"].tolist() == list(self.library.names):
+                    self.objective.load_state({"keys": data["keys"], "values": data["values"]})
 
     def save_cache(self) -> None:
         state = self.objective.state()
         tmp = self.cache_path.with_name(".objective_cache.tmp.npz")
-        np.savez(tmp, **state)
+        np.savez(tmp, names=np.asarray(self.library.names), **state)
         tmp.replace(self.cache_path)
+
+    def stored_cell(self, path: Path) -> dict[str, Any] | None:
+        """A finished cell, unless it was computed on another library or test limit."""
+        if not path.is_file():
+            return None
+        cell = json.loads(path.read_text())
+        same = cell.get("library") == list(self.library.names)
+        return cell if same and cell.get("test_limit") == self.args.test_limit else None
 
     def evaluate(self, adapters) -> dict[str, dict]:
         from d2c_jax.evaluate import evaluate_adapters
@@ -81,45 +95,36 @@ class Sweep:
         )
 
     def reference(self, name: str) -> dict[str, Any]:
-        """Reference rows: single adapters, one merged adapter, base model."""
-        path = self.out / "cells" / f"ref_{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        from d2c_jax.evaluate import merged_task_adapters
+        """A reference row (one of `build_library.SETTINGS`), sharing the library's
+        evaluation cache with `make library`."""
+        from d2c_jax.build_library import EVAL_DIR_NAME, evaluate_setting, reference_groupings
 
         lib = self.library
         start = time.perf_counter()
-        if name == "single":
-            scores = self.evaluate({t: lib.adapter(i) for i, t in enumerate(lib.names)})
-            storage, dev_j = 1.0, None
-        elif name == "one_merged":
-            assign = np.zeros(lib.num_adapters, np.int32)
-            scores = self.evaluate(merged_task_adapters(lib, assign, self.merge_config))
-            storage = 1 / lib.num_adapters
-            dev_j = float(self.objective.cluster_losses(np.ones((1, lib.num_adapters), bool))[0])
-            dev_j /= lib.num_adapters
-        else:
-            from d2c_jax.evaluate import evaluate_adapters
-
-            scores = evaluate_adapters(
-                self.base,
-                dict.fromkeys(lib.names),
-                None,
-                "test",
-                limit=self.args.test_limit,
-                chat_template=name == "base_chat",
-                progress=False,
-            )
-            storage, dev_j = 0.0, None
-        cell = {
+        scores = evaluate_setting(
+            self.base,
+            lib,
+            name,
+            None,
+            "test",
+            self.library_dir / EVAL_DIR_NAME,
+            self.merge_config,
+            limit=self.args.test_limit,
+        )
+        storage, dev_j = {"single": 1.0}.get(name, 0.0), None
+        if name in reference_groupings(lib.names):
+            assign = reference_groupings(lib.names)[name]
+            k = int(assign.max()) + 1
+            storage = k / lib.num_adapters
+            masks = assign[None, :] == np.arange(k)[:, None]
+            dev_j = float(self.objective.cluster_losses(masks).sum() / lib.num_adapters)
+        return {
             "name": name,
             "storage": storage,
             "dev_objective": dev_j,
             "per_task": scores,
             "seconds": time.perf_counter() - start,
         }
-        write_json_atomic(path, cell)
-        return cell
 
     def cell(self, method: str, budget: str, seed: int) -> dict[str, Any]:
         from d2c_jax import cluster as clustering
@@ -127,8 +132,8 @@ class Sweep:
 
         name = f"{method}_{budget.rstrip('%')}_{seed}"
         path = self.out / "cells" / f"{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        if (stored := self.stored_cell(path)) is not None:
+            return stored
         lib = self.library
         k = clustering.resolve_budget(budget, lib)
         before = self.objective.evaluations
@@ -138,7 +143,11 @@ class Sweep:
                 init="kmeans", mode=self.args.mode, max_iters=self.args.max_iters
             )
             result = search.fit(
-                lib, k, seed, self.objective, checkpoint_dir=self.out / "ckpt" / name
+                lib,
+                k,
+                seed,
+                self.objective,
+                checkpoint_dir=self.out / "ckpt" / f"{name}_n{lib.num_adapters}",
             )
         else:
             result = clustering.METHODS[method]().fit(lib, k, seed)
@@ -159,6 +168,8 @@ class Sweep:
             "candidates_scored": self.objective.evaluations - before,
             "info": result.info,
             "per_task": scores,
+            "library": list(lib.names),
+            "test_limit": self.args.test_limit,
         }
         write_json_atomic(path, cell)
         self.save_cache()
@@ -250,7 +261,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-    styles = {"single": ":", "one_merged": "--", "base_chat": "-.", "base_raw": (0, (1, 3))}
+    styles = {
+        "single": ":",
+        "one_merged": "--",
+        "by_language": (0, (5, 1)),
+        "by_type": (0, (3, 1, 1, 1)),
+        "base_chat": "-.",
+        "base_raw": (0, (1, 3)),
+    }
     for name, ref in summary["references"].items():
         ax.axhline(
             ref["score"],
@@ -289,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sweep = Sweep(args.out, args)
-    refs = {
-        name: sweep.reference(name) for name in ("single", "one_merged", "base_raw", "base_chat")
-    }
+    refs = {name: sweep.reference(name) for name in SETTINGS}
     cells = []
     for seed in args.seeds:  # seed-major: every budget gets a first seed early
         for budget in args.budgets:

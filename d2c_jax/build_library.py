@@ -48,10 +48,23 @@ def reference_groupings(names: tuple[str, ...]) -> dict[str, np.ndarray]:
     }
 
 
+SETTINGS = ("base_raw", "base_chat", "single", "one_merged", "by_language", "by_type")
+
+
 def evaluate_setting(
-    base, library: AdapterLibrary, setting: str, root: Path, split: str, cache: Path, merge_config
+    base,
+    library: AdapterLibrary,
+    setting: str,
+    root: Path | None,
+    split: str,
+    cache: Path,
+    merge_config,
+    limit: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-task metrics of one setting; cached in ``cache/<setting>.json`` as they finish."""
+    """Per-task metrics of one of `SETTINGS`; cached in ``cache/<setting>.json``.
+
+    ``limit`` evaluates the first examples of each task only (a separate cache entry).
+    """
     from d2c_jax.evaluate import evaluate_cached, merged_task_adapters
 
     identity = None
@@ -73,6 +86,7 @@ def evaluate_setting(
         identity=identity,
         chat_template=setting == "base_chat",
         max_new_tokens=MAX_NEW_TOKENS,
+        limit=limit,
     )
 
 
@@ -122,17 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     library = AdapterLibrary.load(args.out)
     merge_config = DEFAULT_MERGE
     cache = args.out / EVAL_DIR_NAME
-    settings = ("base_raw", "base_chat", "single", "one_merged", "by_language", "by_type")
     scores = {
-        s: evaluate_setting(base, library, s, root, "test", cache, merge_config) for s in settings
+        s: evaluate_setting(base, library, s, root, "test", cache, merge_config) for s in SETTINGS
     }
     manifest["evaluation"] = {
         "split": "test",
         "merge": merge_config.to_dict(),
         "max_new_tokens": MAX_NEW_TOKENS,
-        "average": {s: average_metrics(scores[s]) for s in settings},
+        "average": {s: average_metrics(scores[s]) for s in SETTINGS},
         "relative_to_single": {
-            s: relative_score(scores[s], scores["single"]) for s in settings if s != "single"
+            s: relative_score(scores[s], scores["single"]) for s in SETTINGS if s != "single"
         },
         "per_task": scores,
     }

@@ -23,9 +23,10 @@ Conventions (every number the engine reports about generated answers uses them):
   over tasks. Tasks whose single-adapter score is 0 are left out (the ratio is
   undefined) and reported in ``relative_score_details``.
 
-``evaluate_task(generate_fn, examples, batch_size)`` runs any
+``evaluate_tasks(generate_fn, {task: examples}, batch_size)`` runs any
 ``generate_fn(prompts: list[str]) -> list[str]`` (e.g. a closure over
-``d2c_jax.scoring.generate``) over a task's examples and returns its metrics.
+``d2c_jax.scoring.generate``) over the examples of tasks that share a model and
+returns each task's metrics.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ __all__ = [
     "METRICS",
     "average_metrics",
     "chrf",
-    "evaluate_task",
+    "evaluate_tasks",
     "exact_match",
     "normalize",
     "relative_score",
@@ -139,22 +140,24 @@ def relative_score(
     return relative_score_details(merged, single, metric)["relative_score"]
 
 
-def evaluate_task(
+def evaluate_tasks(
     generate_fn: Callable[[list[str]], list[str]],
-    examples: Sequence[Mapping[str, str]],
+    examples: Mapping[str, Sequence[Mapping[str, str]]],
     batch_size: int = 16,
     return_predictions: bool = False,
-) -> dict:
-    """Generate answers for ``examples`` (``{"prompt", "target"}``) in batches and score them.
+) -> dict[str, dict]:
+    """Generate answers for the examples of tasks that share one model, and score each task.
 
-    ``generate_fn`` gets lists of at most ``batch_size`` prompts and must return one
-    string per prompt (raw text; normalisation happens here). Returns
-    ``task_metrics``'s dict, plus ``"predictions"`` (normalised) when asked.
+    ``examples`` is ``{task: [{"prompt", "target"}, ...]}``; the prompts of all tasks
+    go through ``generate_fn`` together, in batches of at most ``batch_size`` (one
+    merged adapter serves several tasks, and full batches generate faster).
+    ``generate_fn`` must return one string per prompt (raw text; normalisation
+    happens here). Returns ``{task: task_metrics}``, each with ``"predictions"``
+    (normalised) when asked.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    prompts = [e["prompt"] for e in examples]
-    references = [e["target"] for e in examples]
+    prompts = [e["prompt"] for task_examples in examples.values() for e in task_examples]
     raw: list[str] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
@@ -164,9 +167,13 @@ def evaluate_task(
                 f"generate_fn returned {len(answers)} answers for {len(batch)} prompts"
             )
         raw.extend(answers)
-    out = task_metrics(raw, references)
-    if return_predictions:
-        out["predictions"] = [normalize(p) for p in raw]
+    out, start = {}, 0
+    for task, task_examples in examples.items():
+        answers = raw[start : start + len(task_examples)]
+        start += len(task_examples)
+        out[task] = task_metrics(answers, [e["target"] for e in task_examples])
+        if return_predictions:
+            out[task]["predictions"] = [normalize(a) for a in answers]
     return out
 
 
@@ -214,6 +221,7 @@ def evaluate_adapters(
     Args:
       base: `BaseModel`.
       adapters: ``{task: None | (params, scale)}``; None evaluates the base model.
+        Tasks mapped to the same object are generated in shared batches.
       root: task-suite directory (``<root>/<task>/<split>.jsonl``; None: built-in).
       split: the split to evaluate (``test``; evaluation never reads ``dev``).
       chat_template: wrap prompts as a chat turn (how one asks the base instruct
@@ -226,10 +234,15 @@ def evaluate_adapters(
     from d2c_jax.scoring import generate
     from d2c_jax.tasks import load_split
 
+    # Tasks that share an adapter object (the members of one merged cluster, or the
+    # base model) are generated together.
+    groups: dict[int, list[str]] = {}
+    for task, adapter in adapters.items():
+        groups.setdefault(id(adapter), []).append(task)
     results = {}
-    for task in tqdm(list(adapters), desc=f"evaluate ({split})", disable=not progress):
-        examples = load_split(root, task, split)[:limit]
-        adapter = adapters[task]
+    bar = tqdm(total=len(adapters), desc=f"evaluate ({split})", disable=not progress)
+    for tasks in groups.values():
+        adapter = adapters[tasks[0]]
         generate_fn = lambda prompts, adapter=adapter: generate(
             base,
             adapter,
@@ -238,8 +251,11 @@ def evaluate_adapters(
             chat_template=chat_template,
             batch_size=batch_size,
         )
-        results[task] = evaluate_task(generate_fn, examples, batch_size=batch_size)
-    return results
+        examples = {task: load_split(root, task, split)[:limit] for task in tasks}
+        results.update(evaluate_tasks(generate_fn, examples, batch_size=batch_size))
+        bar.update(len(tasks))
+    bar.close()
+    return {task: results[task] for task in adapters}
 
 
 def evaluate_cached(

@@ -10,7 +10,7 @@ import sacrebleu
 from d2c_jax.evaluate import (
     average_metrics,
     chrf,
-    evaluate_task,
+    evaluate_tasks,
     exact_match,
     normalize,
     relative_score,
@@ -114,8 +114,11 @@ def test_relative_score():
         relative_score({"a": {"score": 1.0}}, single)
 
 
-def test_evaluate_task_batches_and_normalises():
-    examples = [{"prompt": f"p{i}", "target": f"t{i}"} for i in range(7)]
+def test_evaluate_tasks_batches_across_tasks_and_normalises():
+    examples = {
+        "a": [{"prompt": f"p{i}", "target": f"t{i}"} for i in range(4)],
+        "b": [{"prompt": f"p{i}", "target": f"t{i}"} for i in range(4, 7)],
+    }
     calls = []
 
     def generate_fn(prompts):
@@ -126,25 +129,24 @@ def test_evaluate_task_batches_and_normalises():
             for p in prompts
         ]
 
-    m = evaluate_task(generate_fn, examples, batch_size=3, return_predictions=True)
-    assert calls == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]
-    assert m["n"] == 7
-    assert m["exact_match"] == pytest.approx(6 / 7)
-    preds = [f"t{i}" for i in range(6)] + ["wrong"]
-    assert m["predictions"] == preds
-    assert m["chrf"] == pytest.approx(
-        sacrebleu.corpus_chrf(preds, [[e["target"] for e in examples]]).score
+    m = evaluate_tasks(generate_fn, examples, batch_size=3, return_predictions=True)
+    assert calls == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]  # batches span tasks
+    assert [m["a"]["n"], m["b"]["n"]] == [4, 3]
+    assert m["a"]["exact_match"] == 1.0 and m["b"]["exact_match"] == pytest.approx(2 / 3)
+    assert m["b"]["predictions"] == ["t4", "t5", "wrong"]
+    assert m["b"]["chrf"] == pytest.approx(
+        sacrebleu.corpus_chrf(["t4", "t5", "wrong"], [["t4", "t5", "t6"]]).score
     )
-    assert m["score"] == pytest.approx(task_score(6 / 7, m["chrf"]))
-    assert "predictions" not in evaluate_task(generate_fn, examples, batch_size=16)
+    assert m["b"]["score"] == pytest.approx(task_score(2 / 3, m["b"]["chrf"]))
+    assert "predictions" not in evaluate_tasks(generate_fn, examples, batch_size=16)["a"]
 
 
-def test_evaluate_task_rejects_bad_generate_fn():
-    examples = [{"prompt": "a", "target": "b"}, {"prompt": "c", "target": "d"}]
+def test_evaluate_tasks_rejects_bad_generate_fn():
+    examples = {"t": [{"prompt": "a", "target": "b"}, {"prompt": "c", "target": "d"}]}
     with pytest.raises(ValueError):
-        evaluate_task(lambda ps: ["x"], examples, batch_size=2)
+        evaluate_tasks(lambda ps: ["x"], examples, batch_size=2)
     with pytest.raises(ValueError):
-        evaluate_task(lambda ps: ps, examples, batch_size=0)
+        evaluate_tasks(lambda ps: ps, examples, batch_size=0)
 
 
 def test_evaluation_cache_grows_with_the_library_and_keys_on_settings(tmp_path, monkeypatch):

@@ -102,8 +102,11 @@ def load_clusters(out_dir: str | Path) -> tuple[dict[str, int], AdapterLibrary]:
 def task_adapters(
     assignment: dict[str, int], merged: AdapterLibrary
 ) -> dict[str, tuple[LoraParams, float]]:
-    """``{task: (params, scale)}``: each task's cluster adapter from `load_clusters`."""
-    return {
-        task: merged.adapter(merged.index(cluster_dir("", c).name))
-        for task, c in assignment.items()
+    """``{task: (params, scale)}``: each task's cluster adapter from `load_clusters`.
+
+    Tasks of one cluster share one adapter object (evaluation batches them together).
+    """
+    per_cluster = {
+        c: merged.adapter(merged.index(cluster_dir("", c).name)) for c in set(assignment.values())
     }
+    return {task: per_cluster[c] for task, c in assignment.items()}
