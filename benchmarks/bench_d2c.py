@@ -1,0 +1,424 @@
+"""One D2C iteration on the embedded library: the engine vs a transformers + PEFT peer.
+
+Setting: the embedded adapter library as it is on disk now (it may be partly built:
+N is recorded), K clusters (default 5 if N >= 10, else max(2, N // 2)), the task
+suite's dev examples (10 per task, 3 with ``--quick``), the engine's default merge
+(`d2c_jax.merging.DEFAULT_MERGE`: TIES in delta space, density 0.2), and the K-Means
+assignment D2C starts from.
+
+A *candidate* is a move "adapter i -> cluster b"; one iteration of D2C's ``best``
+mode scores all N (K-1) of them (fewer when a move would empty a cluster).
+
+* ours: `d2c.move_deltas` through a fresh `CachedObjective` over `DevObjective`:
+  the K current clusters are scored first (as in D2C's iteration 0; not part of
+  the iteration's time), then every distinct source set ``a - i`` and destination
+  set ``b + i`` is merged and scored once, in batched, jitted calls. Two
+  objectives: the default one (untruncated merged deltas), timed *cold* (fresh
+  process, includes compilation) and *warm* (a fresh cache, so the same sets are
+  scored again, but compiled); and ``score_deployed=True`` (rank-r truncation by SVD
+  first: what PEFT's ``ties_svd`` scores), timed cold only.
+* peer (`benchmarks/peers.py`): what a researcher writes with PEFT: per candidate,
+  merge every cluster with ``add_weighted_adapter(combination_type="ties_svd")`` and
+  evaluate the whole objective (every task's dev examples under its cluster's
+  merge). It is timed on a few candidates only (best, median and worst by our
+  deployed score); its per-candidate time is the mean over those, and since every
+  candidate costs the peer the same work (K merges of N adapters in all, N tasks'
+  examples) it stands for all of them. torch threads: the faster of 1 and the
+  default on a probe (one merge and one batch).
+
+Agreement: the peer's per-task losses of each candidate against ours (deployed: same
+truncation, so only float32 rounding and SVD-solver differences remain), judged on
+tasks in clusters of two or more (PEFT keeps a one-member cluster's adapter whole,
+see `SINGLETON_NOTE`); and ours untruncated against ours deployed on all candidates
+(Spearman rank correlation, the best move).
+
+Also, on the same library and K: the dev objective J of random, kmeans and mbc, and
+of a full D2C search (kmeans init, ``sweep`` mode, ``--d2c-iters`` iterations at most)
+with its wall time and the member sets it scored.
+
+    nice -n 5 python benchmarks/bench_d2c.py --quick   # -> results/bench_d2c_quick.json
+    nice -n 5 python benchmarks/bench_d2c.py           # -> results/bench_d2c.json
+    # the two parts as two processes, on a pinned set of adapters:
+    nice -n 5 python benchmarks/bench_d2c.py --part iteration --adapters A B ...
+    nice -n 5 python benchmarks/bench_d2c.py --part clustering --adapters A B ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# LAPACK (jax's svd on CPU goes through scipy's OpenBLAS) with one thread: on a busy
+# 2-core machine its default threads spin against each other. Set before numpy loads;
+# an explicit setting in the environment wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_result  # noqa: E402
+
+# Agreement of our deployed J with the peer's (nats/token, mean over tasks). Both
+# score the same rank-r truncation of the same TIES delta in float32; what remains
+# is rounding in two forward implementations (30 layers, different summation orders,
+# about 1e-5 relative per example NLL) and two SVD solvers; a difference above this
+# bound would mean different semantics, not rounding.
+PEER_TOLERANCE = 2e-3
+SINGLETON_NOTE = (
+    "PEFT's add_weighted_adapter merges a single adapter with combination 'linear' "
+    "(peft/tuners/lora/model.py, _check_add_weighted_adapter): a one-member cluster is "
+    "the adapter itself, untrimmed; the engine trims it to `density` like any cluster. "
+    "So tasks in one-member clusters differ by design; agreement is judged on the others."
+)
+# Largest number of candidates merged and scored per jitted call (the engine's default).
+MAX_CANDIDATES_PER_CALL = 8
+
+
+def balanced_chunk(count: int, limit: int = MAX_CANDIDATES_PER_CALL) -> int:
+    """Candidates per call that split `count` sets into as few calls as `limit` allows
+    with the least padding (a short last call is padded to full size, wasted work)."""
+    return math.ceil(count / math.ceil(count / limit))
+
+
+def run_iteration(objective, assign: np.ndarray, k: int):
+    """Score all moves of `assign` through a fresh cache; returns (timings, J of each move
+    ``[N, K]`` (inf where not a candidate), the cache)."""
+    from d2c_jax.cluster.base import membership_mask
+    from d2c_jax.cluster.d2c import CachedObjective, move_deltas
+
+    n = len(assign)
+    cached = CachedObjective(objective)
+    start = time.perf_counter()
+    j0 = cached.cluster_losses(membership_mask(assign, k)).sum() / n
+    initial_seconds = time.perf_counter() - start
+    tasks_before = int(cached.state()["keys"].sum())
+    start = time.perf_counter()
+    deltas = move_deltas(assign, k, cached, np.arange(n))
+    seconds = time.perf_counter() - start
+    candidates = int(np.isfinite(deltas).sum())
+    timing = {
+        "seconds": round(seconds, 3),
+        "candidates": candidates,
+        "candidates_per_second": round(candidates / seconds, 4),
+        "member_sets_scored": cached.evaluations - k,
+        "member_tasks_scored": int(cached.state()["keys"].sum()) - tasks_before,
+        "initial_clusters_seconds": round(initial_seconds, 3),
+        "objective_current": float(j0),
+    }
+    return timing, j0 + deltas / n, cached
+
+
+def task_losses(cached, assign: np.ndarray, k: int) -> np.ndarray:
+    """``[N]`` dev NLL of each task under its cluster's merge, from the cache (every
+    cluster of a scored move is a current, source or destination set)."""
+    from d2c_jax.cluster.base import membership_mask
+
+    return sum(cached.cache[cached.key(mask)] for mask in membership_mask(assign, k))
+
+
+def time_ours(objective, assign, k, warm: bool):
+    """Cold (first, compiling) and optionally warm iteration: (timings, move J, cache)."""
+    cold, moves, cached = run_iteration(objective, assign, k)
+    print(f"  cold: {cold}", flush=True)
+    result = {"cold": cold}
+    if warm:
+        result["warm"], again, _ = run_iteration(objective, assign, k)
+        result["warm"]["same_scores_as_cold"] = bool(np.array_equal(again, moves))
+        print(f"  warm: {result['warm']}", flush=True)
+    return result, moves, cached
+
+
+def pick_moves(moves: np.ndarray, count: int) -> np.ndarray:
+    """``[count, 2]`` (adapter, cluster) of the best, median and worst moves (evenly
+    spaced in the order of `moves`, the J of each move)."""
+    valid = np.argwhere(np.isfinite(moves))
+    order = valid[np.argsort(moves[tuple(valid.T)], kind="stable")]
+    return order[np.unique(np.linspace(0, len(order) - 1, count).round().astype(int))]
+
+
+def time_peer(base, library, assignments, k, objective, merge, workdir):
+    """The PEFT peer's whole-objective evaluation of each of `assignments`; returns the
+    record and the ``[len(assignments), N]`` per-task NLL."""
+    from benchmarks import peers
+    from d2c_jax.library import embedded_library_dir
+
+    names = list(library.names)
+    pmodel = peers.peft_model(
+        peers.causal_lm(base, workdir / "hf"),
+        {name: embedded_library_dir() / name for name in names},
+    )
+    threads = peers.pick_torch_threads(pmodel, names, objective.bank, merge)
+    records, per_task = [], []
+    for assign in assignments:
+        start = time.perf_counter()
+        timed = peers.dev_objective(
+            pmodel, names, assign, k, objective.bank, objective.examples_of, merge
+        )
+        seconds = time.perf_counter() - start
+        per_task.append(timed.value)
+        records.append(
+            {
+                "assign": assign.tolist(),
+                "objective": float(timed.value.mean()),
+                "seconds": round(seconds, 3),
+                "merge_seconds": round(timed.merge_seconds, 3),
+                "score_seconds": round(timed.score_seconds, 3),
+            }
+        )
+        print(f"  peer candidate: {records[-1]}", flush=True)
+    per_candidate = float(np.mean([r["seconds"] for r in records]))
+    return {
+        "combination_type": peers.peft_combination(merge),
+        "torch_threads": threads,
+        "candidates_timed": len(records),
+        "seconds_per_candidate": round(per_candidate, 3),
+        "candidates_per_second": round(1 / per_candidate, 5),
+        "note": f"timed on {len(records)} of the iteration's candidates; every candidate "
+        "costs the peer the same work (K merges, all N tasks scored)",
+        "candidates": records,
+    }, np.array(per_task)
+
+
+def agreement(library, assign, k, chosen, peer_tasks, cached, cached_deployed, moves, deployed):
+    """Our scores against the peer's (per task, split by PEFT's singleton rule) and
+    untruncated against deployed (all moves)."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for (i, b), peer in zip(chosen, peer_tasks, strict=True):
+        moved = assign.copy()
+        moved[i] = b
+        singleton = np.bincount(moved, minlength=k)[moved] == 1
+        ours = task_losses(cached_deployed, moved, k)
+        rows.append(
+            {
+                "move": [library.names[i], int(assign[i]), int(b)],
+                "objective_peer": float(peer.mean()),
+                "objective_ours_deployed": float(ours.mean()),
+                "objective_ours_untruncated": float(task_losses(cached, moved, k).mean()),
+                "singleton_tasks": [library.names[t] for t in np.flatnonzero(singleton)],
+                "max_abs_task_diff_multi_member": float(np.abs(ours - peer)[~singleton].max())
+                if (~singleton).any()
+                else None,
+                "max_abs_task_diff_singleton": float(np.abs(ours - peer)[singleton].max())
+                if singleton.any()
+                else None,
+            }
+        )
+    multi = [r["max_abs_task_diff_multi_member"] for r in rows]
+    multi = [x for x in multi if x is not None]
+    valid = np.isfinite(moves)
+    best = np.unravel_index(np.argmin(moves), moves.shape)
+    best_deployed = np.unravel_index(np.argmin(deployed), moves.shape)
+    sorted_deployed = np.sort(deployed[valid])
+    return {
+        "peer_candidates": rows,
+        "max_abs_task_diff_multi_member": max(multi) if multi else None,
+        "tolerance": PEER_TOLERANCE,
+        "within_tolerance": bool(multi) and max(multi) <= PEER_TOLERANCE,
+        "singleton_note": SINGLETON_NOTE,
+        "smallest_gap_between_moves_deployed": float(np.diff(sorted_deployed).min())
+        if valid.sum() > 1
+        else None,
+        "spearman_untruncated_vs_deployed_all_moves": float(
+            spearmanr(moves[valid], deployed[valid]).statistic
+        ),
+        "max_abs_diff_untruncated_vs_deployed": float(np.abs(moves - deployed)[valid].max()),
+        "best_move_untruncated": [library.names[best[0]], int(best[1])],
+        "best_move_deployed": [library.names[best_deployed[0]], int(best_deployed[1])],
+        "same_best_move": bool(best == best_deployed),
+    }
+
+
+def cluster_objectives(library, k, seed, objective, d2c_iters) -> dict:
+    """Dev objective J of random, kmeans, mbc and a D2C search on `objective`."""
+    from d2c_jax.cluster import METHODS, D2CClustering, membership_mask
+    from d2c_jax.cluster.d2c import CachedObjective
+
+    n = library.num_adapters
+    shared = CachedObjective(objective)  # one cache for the data-free methods' J
+    out = {}
+    for name in ("random", "kmeans", "mbc"):
+        start = time.perf_counter()
+        result = METHODS[name]().fit(library, k, seed)
+        fit_seconds = time.perf_counter() - start
+        j = shared.cluster_losses(membership_mask(result.assign, k)).sum() / n
+        out[name] = {
+            "objective": float(j),
+            "assign": result.assign.tolist(),
+            "fit_seconds": round(fit_seconds, 3),
+        }
+        print(f"  {name}: J={j:.4f}", flush=True)
+    method = D2CClustering(mode="sweep", max_iters=d2c_iters)
+    start = time.perf_counter()
+    result = method.fit(library, k, seed, objective=objective, progress=False)
+    wall = time.perf_counter() - start
+    out["d2c"] = {
+        "objective": float(result.objective),
+        "initial_objective": float(result.info["initial_objective"]),
+        "assign": result.assign.tolist(),
+        "settings": {"init": method.init, "mode": method.mode, "max_iters": method.max_iters},
+        "iterations": result.info["iterations"],
+        "converged": result.info["converged"],
+        "wall_seconds": round(wall, 2),
+        "member_sets_scored": result.info["candidates_scored"],
+        "moves_considered": sum(entry["candidates_considered"] for entry in result.log[1:]),
+        "log": [
+            {key: entry[key] for key in ("iteration", "objective", "candidates_scored", "seconds")}
+            | {"moves": len(entry["moves"])}
+            for entry in result.log
+        ],
+    }
+    print(f"  d2c: {out['d2c']}", flush=True)
+    return out
+
+
+def iteration_part(base, library, examples, assign, k, peer_count, quick) -> dict:
+    """Ours (untruncated and deployed) and the peer on one iteration; ratios, agreement."""
+    from d2c_jax import merging
+    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
+
+    merge = merging.DEFAULT_MERGE
+    # An iteration scores at most N sources and N (K-1) destinations.
+    per_call = balanced_chunk(library.num_adapters * k)
+
+    def objective(**config):
+        return DevObjective(
+            base, library, examples, merge, ObjectiveConfig(candidates_per_call=per_call, **config)
+        )
+
+    print("ours, untruncated (default):", flush=True)
+    ours_default, moves, cached = time_ours(objective(), assign, k, warm=True)
+    # Deployed scoring is timed cold only (it includes compiling the SVD kernels).
+    print("ours, deployed (rank-r truncated):", flush=True)
+    deployed = objective(score_deployed=True)
+    ours_deployed, moves_deployed, cached_deployed = time_ours(deployed, assign, k, warm=False)
+
+    print("peer (transformers + PEFT):", flush=True)
+    chosen = pick_moves(moves_deployed, peer_count)
+    assignments = []
+    for i, b in chosen:
+        assignments.append(assign.copy())
+        assignments[-1][i] = b
+    tmp = tempfile.TemporaryDirectory(prefix="bench_d2c_")
+    peer, peer_tasks = time_peer(base, library, assignments, k, deployed, merge, Path(tmp.name))
+    tmp.cleanup()
+
+    def ratio(timing):
+        return round(peer["seconds_per_candidate"] * timing["candidates_per_second"], 2)
+
+    ratios = {
+        "untruncated_warm_over_peer": ratio(ours_default["warm"]),
+        "untruncated_cold_over_peer": ratio(ours_default["cold"]),
+        "deployed_cold_over_peer": ratio(ours_deployed["cold"]),
+    }
+    print(f"ratios: {ratios}", flush=True)
+    agree = agreement(
+        library, assign, k, chosen, peer_tasks, cached, cached_deployed, moves, moves_deployed
+    )
+    print(f"agreement: {agree}", flush=True)
+    return {
+        "candidates_per_call": per_call,
+        "ours": {"untruncated": ours_default, "deployed": ours_deployed},
+        "peer": peer,
+        "ratios_candidates_per_second": ratios,
+        "agreement": agree,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer examples and peer candidates")
+    parser.add_argument("--k", type=int, help="clusters (default: 5 if N >= 10 else max(2, N//2))")
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="NAME",
+        help="adapters of the embedded library to use (default: all on disk now; name them "
+        "to pin a library that is still being built)",
+    )
+    parser.add_argument(
+        "--part",
+        choices=("all", "iteration", "clustering"),
+        default="all",
+        help="run only the iteration comparison or only the clustering methods (e.g. as two "
+        "processes); the result file gets the part's name as a suffix",
+    )
+    parser.add_argument("--examples-per-task", type=int, help="dev examples per task")
+    parser.add_argument("--peer-candidates", type=int, help="candidates the peer is timed on")
+    parser.add_argument("--d2c-iters", type=int, help="max iterations of the D2C search")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    e = args.examples_per_task or (3 if quick else 10)
+    peer_count = args.peer_candidates or (1 if quick else 3)
+    d2c_iters = args.d2c_iters or (1 if quick else 2)
+    wall = time.perf_counter()
+
+    from d2c_jax import merging
+    from d2c_jax.cluster import D2CClustering
+    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir
+    from d2c_jax.models import load_base
+    from d2c_jax.tasks import load_split
+
+    root = embedded_library_dir()
+    library = AdapterLibrary.load([root / a for a in args.adapters] if args.adapters else root)
+    n = library.num_adapters
+    k = args.k or (5 if n >= 10 else max(2, n // 2))
+    print(f"library: N={n} {list(library.names)}, K={k}, {e} dev examples per task", flush=True)
+    examples = {name: load_split(None, name, "dev")[:e] for name in library.names}
+    base = load_base("default")
+    assign = D2CClustering().initial_assignment(library, k, args.seed)
+    payload = {
+        "quick": quick,
+        "part": args.part,
+        "niceness": os.nice(0),
+        "setup": {
+            "library": str(root),
+            "num_adapters": n,
+            "adapters": list(library.names),
+            "k": k,
+            "rank": library.rank,
+            "target_modules": list(library.target_modules),
+            "examples_per_task": e,
+            "examples_split": "dev (built-in task suite)",
+            "merge": merging.DEFAULT_MERGE.to_dict(),
+            "initial_assignment": assign.tolist(),
+            "model": base.name,
+            "dtype": "float32",
+        },
+    }
+    if args.part in ("all", "iteration"):
+        payload["iteration"] = iteration_part(base, library, examples, assign, k, peer_count, quick)
+    if args.part in ("all", "clustering"):
+        print(f"clustering methods (K={k}, sweep-mode d2c, <= {d2c_iters} iterations):")
+        # K member sets per call: the K clusters of an assignment, or the K sets
+        # (source + K-1 destinations) of one adapter's moves in a sweep.
+        objective = DevObjective(
+            base,
+            library,
+            examples,
+            merging.DEFAULT_MERGE,
+            ObjectiveConfig(candidates_per_call=k),
+        )
+        payload["clustering_dev_objective"] = cluster_objectives(
+            library, k, args.seed, objective, d2c_iters
+        )
+    payload["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    suffix = ("" if args.part == "all" else f"_{args.part}") + ("_quick" if quick else "")
+    path = write_result(f"bench_d2c{suffix}", payload)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
