@@ -27,9 +27,8 @@ mode scores all N (K-1) of them (fewer when a move would empty a cluster).
   default on a probe (one merge and one batch).
 
 Agreement: the peer's per-task losses of each candidate against ours (deployed: same
-truncation, so only float32 rounding and SVD-solver differences remain), judged on
-tasks in clusters of two or more (PEFT keeps a one-member cluster's adapter whole,
-see `SINGLETON_NOTE`); and ours untruncated against ours deployed on all candidates
+truncation, so only float32 rounding and SVD-solver differences remain; both keep a
+one-member cluster's adapter whole); and ours untruncated against ours deployed on all candidates
 (Spearman rank correlation, the best move).
 
 Also, on the same library and K: the dev objective J of random, kmeans and mbc, and
@@ -70,12 +69,6 @@ from benchmarks.common import write_result  # noqa: E402
 # about 1e-5 relative per example NLL) and two SVD solvers; a difference above this
 # bound would mean different semantics, not rounding.
 PEER_TOLERANCE = 2e-3
-SINGLETON_NOTE = (
-    "PEFT's add_weighted_adapter merges a single adapter with combination 'linear' "
-    "(peft/tuners/lora/model.py, _check_add_weighted_adapter): a one-member cluster is "
-    "the adapter itself, untrimmed; the engine trims it to `density` like any cluster. "
-    "So tasks in one-member clusters differ by design; agreement is judged on the others."
-)
 # Largest number of candidates merged and scored per jitted call (the engine's default).
 MAX_CANDIDATES_PER_CALL = 8
 
@@ -186,15 +179,13 @@ def time_peer(base, library, assignments, k, objective, merge, workdir):
 
 
 def agreement(library, assign, k, chosen, peer_tasks, cached, cached_deployed, moves, deployed):
-    """Our scores against the peer's (per task, split by PEFT's singleton rule) and
-    untruncated against deployed (all moves)."""
+    """Our scores against the peer's (per task) and untruncated against deployed (all moves)."""
     from scipy.stats import spearmanr
 
     rows = []
     for (i, b), peer in zip(chosen, peer_tasks, strict=True):
         moved = assign.copy()
         moved[i] = b
-        singleton = np.bincount(moved, minlength=k)[moved] == 1
         ours = task_losses(cached_deployed, moved, k)
         rows.append(
             {
@@ -202,27 +193,23 @@ def agreement(library, assign, k, chosen, peer_tasks, cached, cached_deployed, m
                 "objective_peer": float(peer.mean()),
                 "objective_ours_deployed": float(ours.mean()),
                 "objective_ours_untruncated": float(task_losses(cached, moved, k).mean()),
-                "singleton_tasks": [library.names[t] for t in np.flatnonzero(singleton)],
-                "max_abs_task_diff_multi_member": float(np.abs(ours - peer)[~singleton].max())
-                if (~singleton).any()
-                else None,
-                "max_abs_task_diff_singleton": float(np.abs(ours - peer)[singleton].max())
-                if singleton.any()
-                else None,
+                "singleton_tasks": [
+                    library.names[t]
+                    for t in np.flatnonzero(np.bincount(moved, minlength=k)[moved] == 1)
+                ],
+                "max_abs_task_diff": float(np.abs(ours - peer).max()),
             }
         )
-    multi = [r["max_abs_task_diff_multi_member"] for r in rows]
-    multi = [x for x in multi if x is not None]
+    worst = max(r["max_abs_task_diff"] for r in rows) if rows else None
     valid = np.isfinite(moves)
     best = np.unravel_index(np.argmin(moves), moves.shape)
     best_deployed = np.unravel_index(np.argmin(deployed), moves.shape)
     sorted_deployed = np.sort(deployed[valid])
     return {
         "peer_candidates": rows,
-        "max_abs_task_diff_multi_member": max(multi) if multi else None,
+        "max_abs_task_diff": worst,
         "tolerance": PEER_TOLERANCE,
-        "within_tolerance": bool(multi) and max(multi) <= PEER_TOLERANCE,
-        "singleton_note": SINGLETON_NOTE,
+        "within_tolerance": worst is not None and worst <= PEER_TOLERANCE,
         "smallest_gap_between_moves_deployed": float(np.diff(sorted_deployed).min())
         if valid.sum() > 1
         else None,

@@ -39,8 +39,9 @@ def peft_combination(config: MergeConfig) -> str:
     """PEFT's ``combination_type`` with the semantics of `config`, or ValueError.
 
     PEFT trims per tensor, votes on unweighted values, divides TIES by the count of
-    agreeing entries and has no lambda; its ``*_svd`` types merge dense deltas and
-    truncate to rank r (our delta space), the others merge A and B (our factor space).
+    agreeing entries, keeps a one-adapter merge whole and has no lambda; its ``*_svd``
+    types merge dense deltas and truncate to rank r (our delta space), the others
+    merge A and B (our factor space).
     """
     pefts = {"ties": "ties", "task_arithmetic": "linear", "magnitude_prune": "magnitude_prune"}
     same = (
@@ -49,6 +50,7 @@ def peft_combination(config: MergeConfig) -> str:
         and config.sign_vote == "unweighted"
         and config.lam == 1.0
         and config.weights is None
+        and config.singletons == "keep"
         and config.divisor == ("count" if config.method == "ties" else "none")
     )
     if not same:

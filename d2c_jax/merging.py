@@ -61,6 +61,8 @@ class PreparedLibrary:
       tensors: delta space ``{module: [N, L, d_out, d_in]}`` (scale folded in);
         factor space ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}``.
         Trimmed or DARE-masked, unweighted.
+      factors: the library's own factors ``{module: {"A", "B"}}`` ``[N, ...]``, for
+        one-member clusters under ``singletons="keep"``.
       scale: ``[N]`` LoRA scales of the inputs.
       weights: ``[N]`` per-adapter weights.
       config: the merge (static).
@@ -68,6 +70,7 @@ class PreparedLibrary:
     """
 
     tensors: dict
+    factors: dict
     scale: jax.Array
     weights: jax.Array
     config: MergeConfig = dataclasses.field(metadata=dict(static=True))
@@ -196,6 +199,9 @@ def prepare(
         tensors = {m: {"A": f["A"], "B": f["B"]} for m, f in params.items()}
     return PreparedLibrary(
         tensors=_prepare_jit(tensors, keys, _kernel_config(config)),
+        factors={
+            m: {"A": jnp.asarray(f["A"]), "B": jnp.asarray(f["B"])} for m, f in params.items()
+        },
         scale=scale,
         weights=weights,
         config=config,
@@ -215,10 +221,29 @@ def _combine(prepared: PreparedLibrary, membership: jax.Array):
     """Delta space: ``{m: [C, L, o, i]}``; factor space: ``{m: {"A", "B"}}`` [C, ...]."""
     config = prepared.config
     if config.space == "delta":
-        return kmerge.combine_deltas(prepared.tensors, membership, prepared.weights, config)
-    return kmerge.combine_factors(
-        prepared.tensors, prepared.scale, membership, prepared.weights, config
-    )
+        combined = kmerge.combine_deltas(prepared.tensors, membership, prepared.weights, config)
+    else:
+        combined = kmerge.combine_factors(
+            prepared.tensors, prepared.scale, membership, prepared.weights, config
+        )
+    if config.singletons == "keep":
+        combined = kmerge.keep_single_members(
+            combined, _member_tensors(prepared, membership), membership
+        )
+    return combined
+
+
+def _member_tensors(prepared: PreparedLibrary, membership: jax.Array):
+    """Each row's first member, unmerged, in the combined form (scale folded in)."""
+    index = kmerge.first_member(membership)
+    factors = jax.tree.map(lambda x: x[index], prepared.factors)
+    scale = prepared.scale[index]
+    if prepared.config.space == "delta":
+        return {m: lowrank.factors_to_delta(f["A"], f["B"], scale) for m, f in factors.items()}
+    # Split the scale over A and B as combine_factors does (PEFT's convention).
+    root = jnp.sqrt(jnp.abs(scale)).reshape(-1, 1, 1, 1)
+    sign = jnp.sign(scale).reshape(-1, 1, 1, 1)
+    return {m: {"A": f["A"] * sign * root, "B": f["B"] * root} for m, f in factors.items()}
 
 
 def _as_deltas(prepared: PreparedLibrary, combined) -> dict[str, dict[str, jax.Array]]:
@@ -375,6 +400,13 @@ def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--m
         help="multiplies the merged task vector (default: %(default)s)",
     )
     group.add_argument(
+        "--singletons",
+        choices=kmerge.SINGLETONS,
+        default="keep",
+        help="keep: a one-adapter cluster is that adapter, unchanged (PEFT); merge: it is "
+        "merged like any cluster, e.g. trimmed by TIES (mergekit) (default: %(default)s)",
+    )
+    group.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -414,6 +446,7 @@ def merge_config_from_args(
             lam=args.lam,
             weights=tuple(args.weights) if args.weights is not None else None,
             seed=args.seed,
+            singletons=args.singletons,
         )
     except ValueError as err:
         raise ValueError(f"invalid merge flags: {err}") from None

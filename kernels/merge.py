@@ -43,8 +43,12 @@ Spaces:
   has the input rank and scale 1 (PEFT writes ``lora_alpha = r``). Per-tensor
   trimming is per A or B matrix (PEFT); global trimming is per adapter over all
   modules and layers, separately for A and for B (their magnitudes are not
-  comparable). PEFT silently switches a one-adapter merge to `linear`; these
-  kernels do not.
+  comparable).
+
+One-member clusters: with ``singletons="keep"`` (the default, PEFT's rule: its
+``add_weighted_adapter`` switches a one-adapter merge to ``linear``) a cluster of
+one adapter is that adapter, unchanged (`keep_single_members`); with ``"merge"``
+(mergekit) it goes through the method like any cluster, so TIES trims it.
 
 Trimming keeps ``k = int(density * size)`` entries (PEFT's rounding): the
 largest magnitudes, selected by a threshold searched on the float bit patterns
@@ -66,6 +70,7 @@ import jax.numpy as jnp
 
 METHODS = ("ties", "linear", "task_arithmetic", "dare_ties", "dare_linear", "magnitude_prune")
 TIES_METHODS = ("ties", "dare_ties")
+SINGLETONS = ("keep", "merge")
 MAGNITUDE_METHODS = ("ties", "magnitude_prune")
 DARE_METHODS = ("dare_ties", "dare_linear")
 SPACES = ("delta", "factor")
@@ -117,6 +122,8 @@ class MergeConfig:
       weights: per-adapter weights w_n (length N, in library order) or None for
         all ones. Divisor "weight" needs positive weights.
       seed: PRNG seed for DARE's random masks.
+      singletons: "keep" (a one-member cluster is its adapter unchanged; PEFT) or
+        "merge" (merged like any cluster, e.g. trimmed by TIES; mergekit).
     """
 
     method: Literal[
@@ -131,9 +138,11 @@ class MergeConfig:
     lam: float = 1.0
     weights: tuple[float, ...] | None = None
     seed: int = 0
+    singletons: Literal["keep", "merge"] = "keep"
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
+        _choice("singletons", self.singletons, SINGLETONS)
         _choice("space", self.space, SPACES)
         _choice("trim", self.trim, TRIMS)
         _choice("majority", self.majority, MAJORITIES)
@@ -552,6 +561,28 @@ def combine_factors(
             m: x * side_factor[side].reshape((-1,) + (1,) * (x.ndim - 1)) for m, x in out.items()
         }
     return {m: {side: merged[side][m] for side in "AB"} for m in prepared}
+
+
+def keep_single_members(merged: Tree, members: Tree, membership: jax.Array) -> Tree:
+    """Rows of ``membership [C, N]`` with exactly one member take that member unchanged.
+
+    Args:
+      merged: combined tensors, leaves ``[C, ...]``.
+      members: the same structure and shapes: each row's member's own (unmerged)
+        tensors, e.g. gathered at `first_member`.
+      membership: ``[C, N]`` mask.
+    """
+    single = (membership != 0).sum(axis=-1) == 1
+    return jax.tree.map(
+        lambda m, o: jnp.where(single.reshape((-1,) + (1,) * (m.ndim - 1)), o.astype(m.dtype), m),
+        merged,
+        members,
+    )
+
+
+def first_member(membership: jax.Array) -> jax.Array:
+    """``[C]`` index of the first member of each row of ``membership [C, N]``."""
+    return jnp.argmax(membership != 0, axis=-1)
 
 
 # ------------------------------------------------------------------------- one shot

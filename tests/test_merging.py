@@ -146,22 +146,41 @@ PROPERTY_SETTINGS = settings(
     method=st.sampled_from(METHODS),
     space=st.sampled_from(["delta", "factor"]),
     trim=st.sampled_from(["global", "per-tensor"]),
+    density=st.sampled_from([0.3, 1.0]),
     member=st.integers(0, N - 1),
     seed=st.integers(0, 2**16),
 )
-def test_single_adapter_at_density_one_is_that_adapter(method, space, trim, member, seed):
+def test_single_member_cluster_is_that_adapter_when_kept(
+    method, space, trim, density, member, seed
+):
+    """``singletons="keep"``: at any density; ``"merge"``: at density 1 (nothing trimmed)."""
     params, scale = random_library(seed)
-    config = _config(method, space, density=1.0, trim=trim)
-    membership = np.zeros((1, N), np.float32)
+    membership = np.zeros((2, N), np.float32)
     membership[0, member] = 1
-    out = merging.merge(params, scale, membership, config, names=NAMES, return_delta=True)
+    membership[1] = 1  # a full cluster in the same call is merged as usual
     expected = dense(params, scale)
-    for m in D_OUT:
-        np.testing.assert_allclose(
-            out.delta[m]["delta"][0], expected[m][member], rtol=1e-4, atol=1e-5
+    out = {
+        mode: merging.merge(
+            params,
+            scale,
+            membership,
+            _config(method, space, density=density, trim=trim, singletons=mode),
+            names=NAMES,
+            return_delta=True,
         )
-        deployed = out.params[m]["B"][0] @ out.params[m]["A"][0]  # rank r: SVD is exact
-        np.testing.assert_allclose(deployed, expected[m][member], rtol=1e-3, atol=1e-4)
+        for mode in ("keep", "merge")
+    }
+    for mode in ("keep", "merge") if density == 1.0 else ("keep",):
+        for m in D_OUT:
+            np.testing.assert_allclose(
+                out[mode].delta[m]["delta"][0], expected[m][member], rtol=1e-4, atol=1e-5
+            )
+            deployed = out[mode].params[m]["B"][0] @ out[mode].params[m]["A"][0]  # rank r
+            np.testing.assert_allclose(deployed, expected[m][member], rtol=1e-3, atol=1e-4)
+    for m in D_OUT:
+        np.testing.assert_array_equal(
+            out["keep"].delta[m]["delta"][1], out["merge"].delta[m]["delta"][1]
+        )
 
 
 @PROPERTY_SETTINGS
@@ -302,7 +321,8 @@ def test_merge_arguments_round_trip():
     merging.add_merge_arguments(parser)
     args = parser.parse_args(
         "--method dare_ties --space factor --density 0.3 --weights 1 2 --trim global "
-        "--majority frequency --sign-vote weighted --lambda 0.8 --seed 4".split()
+        "--majority frequency --sign-vote weighted --lambda 0.8 --seed 4 "
+        "--singletons merge".split()
     )
     config = merging.merge_config_from_args(args)
     assert config == MergeConfig(
@@ -316,6 +336,7 @@ def test_merge_arguments_round_trip():
         divisor="count",
         lam=0.8,
         seed=4,
+        singletons="merge",
     )
     with pytest.raises(ValueError, match="--density is required for merge method ties"):
         merging.merge_config_from_args(parser.parse_args(["--method", "ties"]))
@@ -334,7 +355,8 @@ def test_prepared_library_is_a_pytree_for_jit():
     params, scale = random_library(0)
     prepared = merging.prepare(params, scale, _config("ties", "delta"), names=NAMES)
     leaves = jax.tree.leaves(prepared)
-    assert len(leaves) == len(D_OUT) + 2  # tensors per module, scale, weights
+    # trimmed tensors and the A, B factors per module; scale; weights
+    assert len(leaves) == 3 * len(D_OUT) + 2
     doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p))(prepared)
     assert doubled.config == prepared.config and doubled.rank == R
     assert jnp.allclose(doubled.scale, 2 * prepared.scale)

@@ -8,6 +8,8 @@ engine's scoring contract.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,9 +70,9 @@ def test_example_nll_matches_engine(setup, tiny_base, tiny_examples):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_single_adapter_peft_keeps_it_whole_engine_trims(setup):
-    """The one known divergence (bench_d2c's SINGLETON_NOTE): PEFT merges a single
-    adapter as ``linear`` (the adapter itself); the engine trims it like any cluster."""
+def test_single_adapter_is_kept_whole_like_peft_unless_asked_to_merge(setup):
+    """PEFT merges a single adapter as ``linear`` (the adapter itself); so does the engine
+    by default (``singletons="keep"``), while ``"merge"`` trims it like any cluster."""
     params, pmodel = setup
     config = MergeConfig("ties", space="delta", density=0.5)
     peers.add_merged(pmodel, NAMES[:1], "single", config)
@@ -78,16 +80,21 @@ def test_single_adapter_peft_keeps_it_whole_engine_trims(setup):
         got = peers.merged_deltas(pmodel, "single")
     finally:
         pmodel.delete_adapter("single")
-    ours = merging.merge(
-        params,
-        jnp.full((N,), ALPHA / RANK),
-        np.eye(1, N, dtype=np.float32),
-        config,
-        names=NAMES,
-        return_delta=True,
-    )
+    merged = {
+        mode: merging.merge(
+            params,
+            jnp.full((N,), ALPHA / RANK),
+            np.eye(1, N, dtype=np.float32),
+            dataclasses.replace(config, singletons=mode),
+            names=NAMES,
+            return_delta=True,
+        )
+        for mode in ("keep", "merge")
+    }
     for module, delta in got.items():
         whole = ALPHA / RANK * params[module]["B"][0] @ params[module]["A"][0]
         np.testing.assert_allclose(delta, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
-        trimmed = np.asarray(ours.delta[module]["delta"][0])
+        kept = np.asarray(merged["keep"].delta[module]["delta"][0])
+        np.testing.assert_allclose(kept, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+        trimmed = np.asarray(merged["merge"].delta[module]["delta"][0])
         assert np.count_nonzero(trimmed) < 0.6 * trimmed.size
