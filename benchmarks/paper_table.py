@@ -181,8 +181,9 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
 
     single = refs["single"]["per_task"]
     rows = []
+    budgets = list(dict.fromkeys(c["budget"] for c in cells))  # as swept, e.g. "12.5%"
     for method in METHODS:
-        for budget in BUDGETS:
+        for budget in budgets:
             group = [c for c in cells if c["method"] == method and c["budget"] == budget]
             if not group:
                 continue
