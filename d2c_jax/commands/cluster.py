@@ -29,8 +29,6 @@ from typing import Any
 from d2c_jax.library import write_json_atomic
 
 SETTINGS_NAME = "settings.json"
-# Density of the search's merge when --density is not given: the TIES paper's value.
-DEFAULT_DENSITY = 0.2
 SEARCH_DIR = ".search"
 
 
@@ -181,15 +179,14 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax import cluster as clustering
     from d2c_jax import tasks as task_suite
     from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
-    from d2c_jax.library import AdapterLibrary, embedded_library_dir, save_peft_adapter
-    from d2c_jax.merging import merge, merge_config_from_args
+    from d2c_jax.cluster.output import save_clusters
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir
+    from d2c_jax.merging import DEFAULT_MERGE, merge_config_from_args
     from d2c_jax.models import load_base
     from d2c_jax.scoring import read_examples
-    from kernels.merge import DARE_METHODS, MAGNITUDE_METHODS
 
-    if args.density is None and args.merge_method in MAGNITUDE_METHODS + DARE_METHODS:
-        args.density = DEFAULT_DENSITY
-    merge_config = merge_config_from_args(args)
+    # Without --density, sparsifying merges use the engine default (the TIES paper's).
+    merge_config = merge_config_from_args(args, default_density=DEFAULT_MERGE.density)
     library_dir = args.library or embedded_library_dir()
     examples_dir = args.examples or task_suite.suite_dir()
     args.library, args.examples = library_dir, examples_dir
@@ -255,25 +252,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not writer:
         return 0
-    masks = clustering.membership_mask(result.assign, k)
-    merged = merge(
-        library.params, library.scale, masks.astype("float32"), merge_config, names=library.names
-    )
-    for c in range(k):
-        members = [library.names[i] for i in range(library.num_adapters) if masks[c, i]]
-        save_peft_adapter(
-            args.out / f"cluster_{c}",
-            jax.tree.map(lambda x, c=c: x[c], merged.params),
-            rank=library.rank,
-            alpha=library.rank,
-            base_model=library.base_model,
-            provenance={"members": members, "merge": merge_config.to_dict()},
-            overwrite=True,
-        )
-    write_json_atomic(
-        args.out / "assignment.json",
-        {name: int(result.assign[i]) for i, name in enumerate(library.names)},
-    )
+    save_clusters(args.out, library, result.assign, merge_config)
     tmp_log = args.out / ".log.jsonl.tmp"
     tmp_log.write_text("".join(json.dumps(entry) + "\n" for entry in result.log))
     os.replace(tmp_log, args.out / "log.jsonl")
