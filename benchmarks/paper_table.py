@@ -112,8 +112,9 @@ class Sweep:
             limit=self.args.test_limit,
         )
         storage, dev_j = {"single": 1.0}.get(name, 0.0), None
-        if name in reference_groupings(lib.names):
-            assign = reference_groupings(lib.names)[name]
+        groupings = reference_groupings(lib.names)
+        if name in groupings:
+            assign = groupings[name]
             k = int(assign.max()) + 1
             storage = k / lib.num_adapters
             masks = assign[None, :] == np.arange(k)[:, None]

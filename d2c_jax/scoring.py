@@ -269,6 +269,11 @@ def encode_examples(
 # ------------------------------------------------------------------ losses
 
 
+def _final_norm(model):
+    """The model's final RMSNorm as a function of hidden states (applied by the loss)."""
+    return lambda h: rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
+
+
 def example_nll(
     base,
     adapter: Mapping[str, Mapping[str, jax.Array]] | None,
@@ -295,7 +300,6 @@ def example_nll(
     """
     model = getattr(base, "model", base)
     hidden, _ = forward_hidden(model, tokens, adapter=adapter, scale=scale, final_norm=False)
-    norm = lambda h: rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
     return masked_example_nll(
         hidden,
         model.head(),
@@ -303,7 +307,7 @@ def example_nll(
         loss_mask,
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
-        final_norm=norm,
+        final_norm=_final_norm(model),
     )
 
 
@@ -451,7 +455,6 @@ def packed_nll(
         mask=mask,
         final_norm=False,
     )
-    norm = lambda h: rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
     return packed_example_nll(
         hidden,
         model.head(),
@@ -461,7 +464,7 @@ def packed_nll(
         num_examples,
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
-        final_norm=norm,
+        final_norm=_final_norm(model),
     )
 
 
