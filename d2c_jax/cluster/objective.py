@@ -114,7 +114,18 @@ class DevObjective:
         self.bank = encode_examples(base, flat, task_key=None)
         self.task_of = np.asarray(task_of)
         self.examples_of = [np.flatnonzero(self.task_of == t) for t in range(self.num_tasks)]
+        # [N] tokens of each task's examples: orders candidates by the work they need.
+        self.task_tokens = np.bincount(
+            self.task_of, weights=self.bank.lengths, minlength=self.num_tasks
+        )
         self.evaluations = 0
+
+    def _chunk_size(self, count: int) -> int:
+        """Candidates computed for a chunk of `count`: the next power of two up to
+        `candidates_per_call` (a multiple of the devices), so that a short chunk is not
+        padded to full size and the jitted calls see few distinct shapes."""
+        size = min(self.candidates_per_call, 1 << max(count - 1, 0).bit_length())
+        return sharding.round_to_devices(size, self.mesh)
 
     def _gather_plan(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per candidate, the bank indices of its member tasks' examples: ``[C, M]`` + valid."""
@@ -147,12 +158,16 @@ class DevObjective:
         if not masks.any(axis=1).all():
             raise ValueError("every candidate needs at least one member")
         out = np.zeros(masks.shape, np.float64)
-        step = self.candidates_per_call
-        # Merged dense deltas are large, so merge and score one chunk at a time.
-        for start in range(0, len(masks), step):
-            chunk = masks[start : start + step]
-            # Pad to a fixed count so the jitted merge compiles once.
-            padded = np.concatenate([chunk, np.repeat(chunk[:1], step - len(chunk), 0)])
+        # Merged dense deltas are large, so merge and score one chunk at a time. Every
+        # candidate of a chunk is computed on as many packed rows as its largest one,
+        # so chunks take candidates in order of their token count (largest first).
+        order = np.argsort(-(masks @ self.task_tokens), kind="stable")
+        for start in range(0, len(masks), self.candidates_per_call):
+            rows = order[start : start + self.candidates_per_call]
+            chunk = masks[rows]
+            padded = np.concatenate(
+                [chunk, np.repeat(chunk[:1], self._chunk_size(len(chunk)) - len(chunk), 0)]
+            )
             index, valid = self._gather_plan(padded)
             adapters, scale = self.candidate_adapters(padded)
             nll = score_candidates(
@@ -162,11 +177,11 @@ class DevObjective:
                 index,
                 valid,
                 scale=scale,
-                chunk_size=step,
+                chunk_size=len(padded),
                 mesh=self.mesh,
             )  # [C, M], NaN where invalid
             per_task = task_mean_nll(nll, self.task_of[index], self.num_tasks)  # [C, N]
-            out[start : start + len(chunk)] = np.nan_to_num(per_task[: len(chunk)], nan=0.0)
+            out[rows] = np.nan_to_num(per_task[: len(chunk)], nan=0.0)
         self.evaluations += len(masks)
         return out
 
