@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         "objective": DevObjective(base, library, dev, DEFAULT_MERGE),
     }
     print(f"N={n} K={k} screen_top={args.screen_top} sample={args.screen_sample}", flush=True)
+    settings = f"n{n}_k{k}_it{args.max_iters}_top{args.screen_top}_test{args.test_per_task}"
     runs = []
     for seed in range(args.seeds):
         for variant in VARIANTS:
-            settings = f"n{n}_k{k}_it{args.max_iters}_top{args.screen_top}_test{args.test_per_task}"
             path = args.work / f"{settings}_{variant}_{seed}.json"
             if path.is_file():
                 run = json.loads(path.read_text())

@@ -17,7 +17,7 @@ merged modules to rank r, i.e. two independent batched eigendecompositions plus
 matmuls, hangs forever in its first few executions: the caller waits on a result
 that no thread of XLA's pool is computing (all idle, 0% CPU). `make demo` hung
 in it after every clustering method in turn. With the flag the same program ran
-25 times in a row; `tests/test_merging.py` keeps a subprocess check of it.
+25 times in a row; `tests/test_package.py` keeps a subprocess check of it.
 
 Both take effect for libraries loaded and backends created after this import:
 import d2c_jax before running any JAX computation (and before SciPy/NumPy for

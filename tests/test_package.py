@@ -48,7 +48,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def test_rank_truncation_of_two_modules_does_not_hang():
     # With XLA:CPU's concurrency-optimized scheduler on, this hung in its first
-    # execution in 2 of 2 runs on the 2-core CI machine (0% CPU, forever).
+    # execution in 2 of 2 runs on our 2-core development machine (0% CPU, forever).
     try:
         result = run_python(TRUNCATE_TWO_MODULES, clean_env(), timeout=240)
     except subprocess.TimeoutExpired:
