@@ -103,6 +103,20 @@ def test_bad_budgets_are_clear_errors(tiny_setup, tmp_path, capsys, budget, mess
     assert message in capsys.readouterr().err
 
 
+def test_clustering_cannot_read_the_test_split(tiny_setup, tmp_path, capsys):
+    # The fixture's examples hold dev.jsonl only, so every other test here also shows
+    # that clustering reads nothing else; this one shows the flag cannot change that.
+    root, hf_dir = tiny_setup
+    for method in ("d2c", "kmeans"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(
+                cluster_args(root, hf_dir, tmp_path / method, "--method", method, "--split", "test")
+            )
+        assert exit_info.value.code == 2
+        assert "--split: invalid choice: 'test'" in capsys.readouterr().err
+        assert not (tmp_path / method).exists()
+
+
 def test_refuses_to_overwrite_and_checks_resume_settings(tiny_setup, tmp_path, capsys):
     root, hf_dir = tiny_setup
     out = tmp_path / "out"

@@ -127,6 +127,18 @@ def test_single_adapter_scores_are_reused_from_the_library_cache(setup, tmp_path
     cache.unlink()
 
 
+def test_evaluation_cannot_read_the_dev_split(setup, tmp_path, capsys):
+    # The fixture's tasks hold test.jsonl only, so the other tests here also show that
+    # evaluation reads nothing else; this one shows the flag cannot change that.
+    root, hf_dir = setup
+    out = tmp_path / "scores.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(evaluate_args(root, hf_dir, root / "clustering", out, "--split", "dev"))
+    assert exit_info.value.code == 2
+    assert "--split: invalid choice: 'dev'" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -58,7 +58,13 @@ def add_parser(subparsers) -> None:
         help="examples dir with <task>/<split>.jsonl (default: the built-in task suite); "
         "required by d2c, optional for the others (then their dev objective is reported)",
     )
-    parser.add_argument("--split", default="dev", help="example split to use (default: dev)")
+    parser.add_argument(
+        "--split",
+        default="dev",
+        choices=("dev", "train"),
+        help="example split to use (default: dev); the test split is held out for "
+        "evaluation, so clustering cannot read it",
+    )
     parser.add_argument(
         "--budget", required=True, help="K (e.g. 5), a percentage of N (12.5%%) or bytes (4MB)"
     )

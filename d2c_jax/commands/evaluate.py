@@ -59,7 +59,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--tasks", type=Path, default=None, help="task-suite directory (default: built-in)"
     )
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "train"),
+        help="split to evaluate (default: test); the dev split is what clustering fits, "
+        "so scores on it are not held out and it cannot be evaluated",
+    )
     parser.add_argument(
         "--limit", type=int, default=None, help="evaluate the first N examples of each task"
     )
