@@ -18,7 +18,9 @@ The sweep takes hours on a 2-core CPU, so every finished cell is saved under
 ``<out>/cells/<cell>.json`` and skipped on restart; a D2C run in progress is
 checkpointed by the search itself, and the dev-objective cache (membership ->
 per-task losses, valid for one merge config and dev set) is shared by all cells
-and saved after each, so cells that revisit a member set do not score it again.
+and saved after each, so cells that revisit a member set do not score it again;
+likewise test results are cached per member set (a task's score depends only on
+its own cluster), so a cluster shared by several cells is generated once.
 
 Outputs: ``<out>/paper_table.json``, ``paper_table.md`` and ``paper_table.png``
 (score against storage, one line per method, reference lines for the bounds).
@@ -66,6 +68,19 @@ class Sweep:
         self.objective = CachedObjective(
             DevObjective(self.base, self.library, dev, self.merge_config)
         )
+        # Test results per member set (see `evaluate_assignment`), valid for one
+        # library, merge config and test limit.
+        self.cluster_scores_path = out / "cluster_scores.json"
+        self.cluster_scores_identity = {
+            "library": list(self.library.names),
+            "merge": self.merge_config.to_dict(),
+            "test_limit": args.test_limit,
+        }
+        self.cluster_scores: dict[str, dict] = {}
+        if self.cluster_scores_path.is_file():
+            stored = json.loads(self.cluster_scores_path.read_text())
+            if stored.get("identity") == self.cluster_scores_identity:
+                self.cluster_scores = stored["clusters"]
         self.cache_path = out / "objective_cache.npz"
         if self.cache_path.is_file():
             with np.load(self.cache_path) as data:
@@ -87,12 +102,35 @@ class Sweep:
         same = cell.get("library") == list(self.library.names)
         return cell if same and cell.get("test_limit") == self.args.test_limit else None
 
-    def evaluate(self, adapters) -> dict[str, dict]:
-        from d2c_jax.evaluate import evaluate_adapters
+    def evaluate_assignment(self, assign: np.ndarray) -> dict[str, dict]:
+        """Per-task test metrics of a clustering, each task under its cluster's merge.
 
-        return evaluate_adapters(
-            self.base, adapters, None, "test", limit=self.args.test_limit, progress=False
-        )
+        A task's result depends only on its own cluster's member set (the merge of
+        those members), so results are cached per member set in
+        ``<out>/cluster_scores.json``: clusters that several methods or seeds share
+        (K-Means and MBC often agree; D2C moves change two clusters at a time) are
+        generated once.
+        """
+        from d2c_jax.evaluate import evaluate_adapters, merged_task_adapters
+
+        names = self.library.names
+        members = {
+            int(c): "|".join(n for n, a in zip(names, assign, strict=True) if a == c)
+            for c in np.unique(assign)
+        }
+        missing = [c for c, key in members.items() if key not in self.cluster_scores]
+        if missing:
+            adapters = merged_task_adapters(self.library, assign, self.merge_config, missing)
+            scores = evaluate_adapters(
+                self.base, adapters, None, "test", limit=self.args.test_limit, progress=False
+            )
+            for c in missing:
+                self.cluster_scores[members[c]] = {t: scores[t] for t in members[c].split("|")}
+            write_json_atomic(
+                self.cluster_scores_path,
+                {"identity": self.cluster_scores_identity, "clusters": self.cluster_scores},
+            )
+        return {t: self.cluster_scores[members[int(assign[i])]][t] for i, t in enumerate(names)}
 
     def reference(self, name: str) -> dict[str, Any]:
         """A reference row (one of `build_library.SETTINGS`), sharing the library's
@@ -129,7 +167,6 @@ class Sweep:
 
     def cell(self, method: str, budget: str, seed: int) -> dict[str, Any]:
         from d2c_jax import cluster as clustering
-        from d2c_jax.evaluate import merged_task_adapters
 
         name = f"{method}_{budget.rstrip('%')}_{seed}"
         path = self.out / "cells" / f"{name}.json"
@@ -153,9 +190,11 @@ class Sweep:
         else:
             result = clustering.METHODS[method]().fit(lib, k, seed)
         cluster_seconds = time.perf_counter() - start
+        # Member sets the method itself scored (not those scored below to report J).
+        candidates_scored = self.objective.evaluations - before
         masks = clustering.membership_mask(result.assign, k)
         dev_j = float(self.objective.cluster_losses(masks).sum() / lib.num_adapters)
-        scores = self.evaluate(merged_task_adapters(lib, result.assign, self.merge_config))
+        scores = self.evaluate_assignment(result.assign)
         cell = {
             "name": name,
             "method": method,
@@ -166,7 +205,7 @@ class Sweep:
             "assignment": {t: int(result.assign[i]) for i, t in enumerate(lib.names)},
             "dev_objective": dev_j,
             "cluster_seconds": cluster_seconds,
-            "candidates_scored": self.objective.evaluations - before,
+            "candidates_scored": candidates_scored,
             "info": result.info,
             "per_task": scores,
             "library": list(lib.names),

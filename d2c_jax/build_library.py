@@ -63,7 +63,8 @@ def evaluate_setting(
 ) -> dict[str, dict[str, float]]:
     """Per-task metrics of one of `SETTINGS`; cached in ``cache/<setting>.json``.
 
-    ``limit`` evaluates the first examples of each task only (a separate cache entry).
+    ``limit`` evaluates the first examples of each task only, cached in its own file
+    ``cache/<setting>_first<limit>.json`` so that it never replaces the full results.
     """
     from d2c_jax.evaluate import evaluate_cached, merged_task_adapters
 
@@ -82,7 +83,7 @@ def evaluate_setting(
         adapters,
         root,
         split,
-        cache / f"{setting}.json",
+        cache / (f"{setting}.json" if limit is None else f"{setting}_first{limit}.json"),
         identity=identity,
         chat_template=setting == "base_chat",
         max_new_tokens=MAX_NEW_TOKENS,

@@ -180,14 +180,20 @@ def evaluate_tasks(
 # ------------------------------------------------------------------ evaluation harness
 
 
-def merged_task_adapters(library, assign, merge_config) -> dict[str, tuple[dict, float]]:
+def merged_task_adapters(
+    library, assign, merge_config, clusters=None
+) -> dict[str, tuple[dict, float]]:
     """Each task's adapter under a clustering: its cluster's merged rank-r adapter.
 
     Args:
       library: `AdapterLibrary` of N adapters.
       assign: ``[N]`` cluster of each adapter.
       merge_config: `kernels.merge.MergeConfig` (the same as the clustering used).
-    Returns ``{task: (params {module: {"A": [L, r, d_in], "B": [L, d_out, r]}}, scale)}``.
+      clusters: merge only these clusters (default: all); the result then holds only
+        their member tasks. A cluster's merge depends on its members alone, so this
+        gives the same adapters as merging every cluster.
+    Returns ``{task: (params {module: {"A": [L, r, d_in], "B": [L, d_out, r]}}, scale)}``;
+    the tasks of one cluster share one adapter object.
     """
     import jax
     import numpy as np
@@ -195,13 +201,22 @@ def merged_task_adapters(library, assign, merge_config) -> dict[str, tuple[dict,
     from d2c_jax.merging import merge
 
     assign = np.asarray(assign)
-    k = int(assign.max()) + 1
-    masks = (assign[None, :] == np.arange(k)[:, None]).astype(np.float32)
+    if clusters is None:
+        clusters = range(int(assign.max()) + 1)
+    clusters = [int(c) for c in clusters]
+    if not clusters:
+        return {}
+    masks = (assign[None, :] == np.asarray(clusters)[:, None]).astype(np.float32)
     merged = merge(library.params, library.scale, masks, merge_config, names=library.names)
-    per_cluster = [
-        (jax.tree.map(lambda x, c=c: x[c], merged.params), float(merged.scale[c])) for c in range(k)
-    ]
-    return {name: per_cluster[assign[i]] for i, name in enumerate(library.names)}
+    per_cluster = {
+        c: (jax.tree.map(lambda x, row=row: x[row], merged.params), float(merged.scale[row]))
+        for row, c in enumerate(clusters)
+    }
+    return {
+        name: per_cluster[int(assign[i])]
+        for i, name in enumerate(library.names)
+        if int(assign[i]) in per_cluster
+    }
 
 
 def evaluate_adapters(

@@ -173,3 +173,29 @@ def test_evaluation_cache_grows_with_the_library_and_keys_on_settings(tmp_path, 
     cache.write_text("{torn")
     with pytest.raises(ValueError, match="single.json: evaluation cache is not valid JSON"):
         evaluate.evaluate_cached(None, {"c": None}, None, "test", cache)
+
+
+def test_merged_task_adapters_for_a_subset_of_clusters(tmp_path, tiny_config):
+    import numpy as np
+
+    from d2c_jax.evaluate import merged_task_adapters
+    from d2c_jax.library import AdapterLibrary
+    from d2c_jax.merging import DEFAULT_MERGE
+    from tests.conftest import save_random_library
+
+    names = ["a", "b", "c", "d", "e"]
+    save_random_library(tmp_path, tiny_config, names, seed=3, std=0.4)
+    library = AdapterLibrary.load(tmp_path)
+    assign = np.asarray([1, 0, 2, 1, 0])
+    full = merged_task_adapters(library, assign, DEFAULT_MERGE)
+    assert list(full) == names  # library order
+    assert full["a"] is full["d"] and full["b"] is full["e"] and full["a"] is not full["b"]
+    subset = merged_task_adapters(library, assign, DEFAULT_MERGE, clusters=[1, 2])
+    assert list(subset) == ["a", "c", "d"]
+    for task, (params, scale) in subset.items():
+        want_params, want_scale = full[task]
+        assert scale == pytest.approx(want_scale)
+        for module, factors in params.items():
+            for f, x in factors.items():
+                np.testing.assert_allclose(x, want_params[module][f], rtol=1e-5, atol=1e-6)
+    assert merged_task_adapters(library, assign, DEFAULT_MERGE, clusters=[]) == {}
