@@ -52,8 +52,13 @@ def small_problem(tiny_base, make_lora):
     return library, task_examples(names)
 
 
-@pytest.mark.parametrize("score_deployed", [False, True])
-def test_batched_equals_one_at_a_time_and_reference(tiny_base, small_problem, score_deployed):
+@pytest.mark.parametrize(
+    "score_deployed, candidates_per_call",
+    [(False, 3), (True, 3), (False, 8)],  # chunks of 3 + 2 rows, or 5 rows computed as 6
+)
+def test_batched_equals_one_at_a_time_and_reference(
+    tiny_base, small_problem, score_deployed, candidates_per_call
+):
     library, examples = small_problem
     masks = np.array(
         [[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]],
@@ -64,8 +69,11 @@ def test_batched_equals_one_at_a_time_and_reference(tiny_base, small_problem, sc
         library,
         examples,
         TIES,
-        ObjectiveConfig(score_deployed=score_deployed, candidates_per_call=3),
+        ObjectiveConfig(score_deployed=score_deployed, candidates_per_call=candidates_per_call),
     )
+    assert [objective._chunk_size(c) for c in range(1, 9)] == [
+        min(candidates_per_call, size) for size in (1, 2, 3, 4, 6, 6, 8, 8)
+    ]
     batched = objective.task_losses(masks)
     alone = np.concatenate([objective.task_losses(m[None]) for m in masks])
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)

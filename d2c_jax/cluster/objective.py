@@ -121,11 +121,15 @@ class DevObjective:
         self.evaluations = 0
 
     def _chunk_size(self, count: int) -> int:
-        """Candidates computed for a chunk of `count`: the next power of two up to
-        `candidates_per_call` (a multiple of the devices), so that a short chunk is not
-        padded to full size and the jitted calls see few distinct shapes."""
-        size = min(self.candidates_per_call, 1 << max(count - 1, 0).bit_length())
-        return sharding.round_to_devices(size, self.mesh)
+        """Candidates computed for a chunk of `count`: the smallest of 1, 2, 3, 4, 6, 8,
+        12, 16, ... (powers of two and 1.5 times them) that holds it, at most
+        `candidates_per_call`, rounded to a multiple of the devices. A short chunk (a
+        sweep-mode visit scores about K sets) is not padded to full size, at most a
+        quarter of a chunk is padding, and the jitted calls see few distinct shapes."""
+        size = 1 << max(count - 1, 0).bit_length()
+        if count <= 3 * size // 4:
+            size = 3 * size // 4
+        return sharding.round_to_devices(min(self.candidates_per_call, size), self.mesh)
 
     def _gather_plan(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per candidate, the bank indices of its member tasks' examples: ``[C, M]`` + valid."""
