@@ -8,8 +8,9 @@ embedded library, over several seeds, plus reference rows: all single adapters
 and the base model (raw prompt and chat prompt); these come from the library's
 evaluation cache that `make library` fills (`d2c_jax.build_library.SETTINGS`).
 Every method's clusters are merged with the engine's default merge
-(`d2c_jax.merging.DEFAULT_MERGE`) and evaluated on each task's *test* split,
-which clustering never reads (D2C's objective uses only the 10 dev examples per
+(`d2c_jax.merging.DEFAULT_MERGE`) and evaluated on each task's *test* split
+(the first `build_library.TEST_EXAMPLES_PER_TASK` = 50 examples, as the reference
+rows), which clustering never reads (D2C's objective uses only the 10 dev examples per
 task). Each row reports the mean and standard deviation over seeds of the
 average test score, the relative score (merged / single adapter, per task,
 averaged), the dev objective J, wall time and candidates scored.
@@ -40,7 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
-from d2c_jax.build_library import SETTINGS  # noqa: E402
+from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
 from d2c_jax.library import write_json_atomic  # noqa: E402
 
 METHODS = ("random", "kmeans", "mbc", "d2c")
@@ -342,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test-limit",
         type=int,
-        default=None,
-        help="evaluate only the first N test examples per task",
+        default=TEST_EXAMPLES_PER_TASK,
+        help="evaluate the first N test examples per task (default: %(default)s, as the "
+        "library's reference scores)",
     )
     args = parser.parse_args(argv)
 
