@@ -149,8 +149,9 @@ def evaluate_tasks(
     """Generate answers for the examples of tasks that share one model, and score each task.
 
     ``examples`` is ``{task: [{"prompt", "target"}, ...]}``; the prompts of all tasks
-    go through ``generate_fn`` together, in batches of at most ``batch_size`` (one
-    merged adapter serves several tasks, and full batches generate faster).
+    go through ``generate_fn`` together, shortest first, in batches of at most
+    ``batch_size`` (one merged adapter serves several tasks, and full batches of
+    similar lengths generate faster).
     ``generate_fn`` must return one string per prompt (raw text; normalisation
     happens here). Returns ``{task: task_metrics}``, each with ``"predictions"``
     (normalised) when asked.
@@ -158,15 +159,18 @@ def evaluate_tasks(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     prompts = [e["prompt"] for task_examples in examples.values() for e in task_examples]
-    raw: list[str] = []
+    # Batches take prompts shortest first: a batch is padded to its longest prompt and
+    # decodes until its longest answer ends, and similar prompts (often of one task)
+    # have similar lengths.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    raw: list[str] = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        answers = list(generate_fn(batch))
-        if len(answers) != len(batch):
-            raise ValueError(
-                f"generate_fn returned {len(answers)} answers for {len(batch)} prompts"
-            )
-        raw.extend(answers)
+        rows = order[start : start + batch_size]
+        answers = list(generate_fn([prompts[i] for i in rows]))
+        if len(answers) != len(rows):
+            raise ValueError(f"generate_fn returned {len(answers)} answers for {len(rows)} prompts")
+        for i, answer in zip(rows, answers, strict=True):
+            raw[i] = answer
     out, start = {}, 0
     for task, task_examples in examples.items():
         answers = raw[start : start + len(task_examples)]

@@ -141,6 +141,24 @@ def test_evaluate_tasks_batches_across_tasks_and_normalises():
     assert "predictions" not in evaluate_tasks(generate_fn, examples, batch_size=16)["a"]
 
 
+def test_evaluate_tasks_batches_shortest_prompts_first_and_keeps_task_order():
+    examples = {
+        "long": [{"prompt": "x" * n, "target": str(n)} for n in (9, 3, 7)],
+        "short": [{"prompt": "y" * n, "target": str(n)} for n in (1, 8, 2)],
+    }
+    calls = []
+
+    def generate_fn(prompts):
+        calls.append([len(p) for p in prompts])
+        return [str(len(p)) for p in prompts]
+
+    m = evaluate_tasks(generate_fn, examples, batch_size=2, return_predictions=True)
+    assert calls == [[1, 2], [3, 7], [8, 9]]
+    assert m["long"]["predictions"] == ["9", "3", "7"]
+    assert m["short"]["predictions"] == ["1", "8", "2"]
+    assert m["long"]["exact_match"] == m["short"]["exact_match"] == 1.0
+
+
 def test_evaluate_tasks_rejects_bad_generate_fn():
     examples = {"t": [{"prompt": "a", "target": "b"}, {"prompt": "c", "target": "d"}]}
     with pytest.raises(ValueError):
