@@ -43,13 +43,13 @@ def make_peft_adapter(path, seed, r=4, alpha=8, targets=("q_proj", "v_proj"), **
     return peft_model
 
 
-def peft_factors(peft_model, module: str, layer: int):
+def peft_factors(peft_model, module: str, layer: int, adapter: str = "default"):
     attn = peft_model.base_model.model.model.layers[layer].self_attn
     lora = getattr(attn, module)
     return (
-        lora.lora_A["default"].weight.detach().numpy(),
-        lora.lora_B["default"].weight.detach().numpy(),
-        lora.scaling["default"],
+        lora.lora_A[adapter].weight.detach().float().numpy(),
+        lora.lora_B[adapter].weight.detach().float().numpy(),
+        lora.scaling[adapter],
     )
 
 
@@ -278,3 +278,32 @@ def test_missing_and_corrupted_files(tmp_path):
 def test_lora_scale():
     assert lora_scale(16, 8, use_rslora=False) == 2.0
     assert lora_scale(16, 4, use_rslora=True) == 8.0
+
+
+@pytest.mark.slow
+def test_shipped_library_covers_the_suite_and_loads_in_peft(real_base):
+    """The embedded library: one bfloat16 adapter per task of the built-in suite,
+    within 40 MB, and every adapter loads in PEFT with the factors and scaling that
+    `AdapterLibrary` reads."""
+    from d2c_jax import tasks as task_suite
+    from d2c_jax.library import embedded_library_dir
+
+    root = embedded_library_dir()
+    lib = AdapterLibrary.load(root)
+    assert lib.names == tuple(sorted(task_suite.list_tasks()))
+    files = [root / name / "adapter_model.safetensors" for name in lib.names]
+    assert sum(f.stat().st_size for f in files) <= 40 * 10**6
+    assert {t.dtype for f in files for t in torch_load_file(str(f)).values()} == {torch.bfloat16}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**real_base.config.to_hf()))
+    peft_model = PeftModel.from_pretrained(model, str(root / lib.names[0]), adapter_name="a0")
+    for i, name in enumerate(lib.names[1:], start=1):
+        peft_model.load_adapter(str(root / name), adapter_name=f"a{i}")
+    layers = real_base.config.num_layers
+    for i in range(lib.num_adapters):
+        for module in lib.target_modules:
+            for layer in (0, layers // 2, layers - 1):
+                a, b, scaling = peft_factors(peft_model, module, layer, adapter=f"a{i}")
+                np.testing.assert_array_equal(np.asarray(lib.params[module]["A"][i, layer]), a)
+                np.testing.assert_array_equal(np.asarray(lib.params[module]["B"][i, layer]), b)
+                assert float(lib.scale[i]) == pytest.approx(scaling)
