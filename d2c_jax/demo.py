@@ -26,11 +26,11 @@ from typing import Any
 
 from d2c_jax.library import write_json_atomic
 
-# Aimed at 15 minutes on a 2-core CPU with the 40-adapter library. Measured: loading
-# and generating 10 test answers per task for the single adapters and two
-# clusterings take about 4 minutes, but one D2C sweep iteration (every adapter
-# visited once, ~200 member sets of ~8 tasks on 4 dev examples each) takes more
-# than 12, so the demo still overruns (see README "Status").
+# Aimed at 15 minutes on a 2-core CPU with the 40-adapter library. Measured: 18 min
+# 18 s in all, of which one D2C sweep iteration (every adapter visited once, 205
+# member sets of ~8 tasks on 4 dev examples each) took 841 s and the rest (loading,
+# 10 test answers per task for the single adapters and three clusterings) about 4
+# minutes, so the demo still overruns (see README "Status").
 DEMO_DEFAULTS = {
     "budget": "12.5%",
     "dev_per_task": 4,
