@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from d2c_jax.cluster import d2c
 from d2c_jax.cluster.base import membership_mask
 from d2c_jax.cluster.d2c import CachedObjective, D2CClustering, move_deltas
 from d2c_jax.cluster.parameter import random_assignment
@@ -133,6 +134,47 @@ def test_resume_from_checkpoint_reaches_same_assignment(tmp_path):
     assert [e["objective"] for e in resumed.log] == [e["objective"] for e in full.log]
     # the restored cache spared re-scoring what the first two iterations scored
     assert sum(fresh.calls) < full.info["candidates_scored"]
+
+
+class CrashingObjective(PairwiseObjective):
+    """Fails on its `crash_at`-th call, as a run killed in the middle of a sweep."""
+
+    def __init__(self, groups, crash_at):
+        super().__init__(groups)
+        self.crash_at = crash_at
+
+    def task_losses(self, masks):
+        if len(self.calls) + 1 == self.crash_at:
+            raise KeyboardInterrupt("killed")
+        return super().task_losses(masks)
+
+
+def test_resume_in_the_middle_of_a_sweep_replays_it_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(d2c, "SWEEP_SAVE_SECONDS", 0.0)  # save after every visit
+    library = planted_library(groups=(0,) * 12)
+    search = D2CClustering(init="random", mode="sweep")
+    full = search.fit(library, 3, seed=2, objective=PairwiseObjective(GROUPS), progress=False)
+    # Initial clusters + 12 visits of the first sweep + some of the second.
+    crash_at = 1 + 12 + 5
+    assert full.info["iterations"] >= 2
+    crashing = CrashingObjective(GROUPS, crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        search.fit(
+            library,
+            3,
+            seed=2,
+            objective=crashing,
+            checkpoint_dir=tmp_path / "ckpt",
+            progress=False,
+        )
+    fresh = PairwiseObjective(GROUPS)
+    resumed = search.fit(
+        library, 3, seed=2, objective=fresh, checkpoint_dir=tmp_path / "ckpt", progress=False
+    )
+    np.testing.assert_array_equal(resumed.assign, full.assign)
+    assert [e["objective"] for e in resumed.log] == [e["objective"] for e in full.log]
+    # Nothing scored before the crash was scored again, not even within the sweep.
+    assert sum(crashing.calls) + sum(fresh.calls) == full.info["candidates_scored"]
 
 
 def test_requires_objective_and_valid_settings():

@@ -10,7 +10,7 @@ import pytest
 
 from d2c_jax import merging
 from d2c_jax.cluster import D2CClustering, KMeansClustering, membership_mask
-from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
+from d2c_jax.cluster.objective import SIMILAR_WORK, DevObjective, ObjectiveConfig
 from d2c_jax.library import AdapterLibrary
 from d2c_jax.models import BaseModel, LlamaForCausalLM
 from d2c_jax.scoring import encode_examples, example_nll, generate
@@ -74,6 +74,14 @@ def test_batched_equals_one_at_a_time_and_reference(
     assert [objective._chunk_size(c) for c in range(1, 9)] == [
         min(candidates_per_call, size) for size in (1, 2, 3, 4, 6, 6, 8, 8)
     ]
+    # Calls group candidates of similar work, so small sets are not computed at the
+    # size of the largest: every row once, at most candidates_per_call per call.
+    chunks = objective._chunks(masks)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(len(masks)))
+    work = masks @ objective.task_tokens
+    for rows in chunks:
+        assert len(rows) <= candidates_per_call
+        assert work[rows].min() >= SIMILAR_WORK * work[rows].max()
     batched = objective.task_losses(masks)
     alone = np.concatenate([objective.task_losses(m[None]) for m in masks])
     np.testing.assert_allclose(batched, alone, rtol=1e-5, atol=1e-6)

@@ -41,7 +41,11 @@ Resumability: with a checkpoint directory the state (assignment, iteration, log
 and the score cache) is saved with orbax after every iteration; a resumed run
 continues from the last saved iteration and reaches the same assignment as an
 uninterrupted one (scores come from the same cache or the same deterministic
-kernels, ties are broken by the fixed order of (adapter, cluster)).
+kernels, ties are broken by the fixed order of (adapter, cluster)). A sweep over a
+large library takes many minutes, so during a sweep the score cache is also saved
+every `SWEEP_SAVE_SECONDS` together with the assignment the sweep started from: a
+resumed run replays the sweep's visits from the cache (no scoring) up to where
+it was killed.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ from d2c_jax.cluster.base import ClusteringResult, membership_mask
 from d2c_jax.cluster.parameter import KMeansClustering, RandomClustering
 from d2c_jax.library import AdapterLibrary
 from kernels.screening import spearman
+
+# During a sweep, save the score cache at most this often (see module docstring).
+SWEEP_SAVE_SECONDS = 120.0
 
 
 class Objective(Protocol):
@@ -242,13 +249,25 @@ class D2CClustering:
             if checkpoint:
                 checkpoint.save(assign, iteration, log, cached.state(), done=False)
 
+        def checkpoint_in_sweep(start_assign):
+            """Called after each sweep visit: save the cache with the sweep's start."""
+            last_save = time.perf_counter()
+
+            def save():
+                nonlocal last_save
+                if checkpoint and time.perf_counter() - last_save >= SWEEP_SAVE_SECONDS:
+                    checkpoint.save(start_assign, iteration, log, cached.state(), done=False)
+                    last_save = time.perf_counter()
+
+            return save
+
         bar = tqdm(total=self.max_iters, initial=iteration, desc=f"d2c K={k}", disable=not progress)
         done = bool(log and log[-1].get("converged"))
         while not done and iteration < self.max_iters:
             start = time.perf_counter()
             before = cached.evaluations
             assign, moves, considered, screened = self._iterate(
-                assign, k, cached, seed, iteration + 1
+                assign, k, cached, seed, iteration + 1, progress, checkpoint_in_sweep(assign)
             )
             iteration += 1
             seconds = time.perf_counter() - start
@@ -292,9 +311,9 @@ class D2CClustering:
             },
         )
 
-    def _iterate(self, assign, k, cached, seed, iteration):
+    def _iterate(self, assign, k, cached, seed, iteration, progress=False, after_visit=None):
         """One iteration; returns (new assign, [(i, from, to, dJ)], candidates considered,
-        screening record or None)."""
+        screening record or None). ``after_visit()`` runs after each sweep visit."""
         n = assign.shape[0]
         assign = assign.copy()
         if self.mode == "best":
@@ -314,13 +333,21 @@ class D2CClustering:
             return assign, [], considered, screened
         moves, considered = [], 0
         order = np.random.default_rng([seed, iteration]).permutation(n)
-        for i in order:
+        # A sweep over a large library takes many minutes: show each visit, with ETA.
+        visits = tqdm(
+            order, desc=f"sweep {iteration}", unit="adapter", leave=False, disable=not progress
+        )
+        for i in visits:
+            before = cached.evaluations
             deltas = move_deltas(assign, k, cached, np.array([i]))[0] / n
             considered += int(np.isfinite(deltas).sum())
             b = int(np.argmin(deltas))
             if deltas[b] < -self.tol:
                 moves.append((int(i), int(assign[i]), b, float(deltas[b])))
                 assign[i] = b
+            visits.set_postfix(moves=len(moves), sets=cached.evaluations - before)
+            if after_visit:
+                after_visit()
         return assign, moves, considered, None
 
     def _screened_deltas(self, assign, k, cached, seed, iteration):
@@ -366,15 +393,19 @@ class _SearchCheckpoint:
         )
 
     def save(self, assign, iteration, log, cache_state, done) -> None:
+        """Save the state after `iteration` completed iterations. Steps number the
+        saves (a sweep saves several times per iteration)."""
         import orbax.checkpoint as ocp
 
         state = {
+            "iteration": np.asarray(iteration, np.int64),
             "assign": np.asarray(assign, np.int32),
             "cache_keys": cache_state["keys"].astype(np.uint8),
             "cache_values": cache_state["values"],
             "log": np.frombuffer(json.dumps(log).encode(), np.uint8),
         }
-        self.manager.save(iteration, args=ocp.args.StandardSave(state))
+        latest = self.manager.latest_step()
+        self.manager.save(0 if latest is None else latest + 1, args=ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
 
     def restore(self) -> tuple[np.ndarray, int, list[dict[str, Any]], dict] | None:
@@ -389,4 +420,5 @@ class _SearchCheckpoint:
             "keys": np.asarray(state["cache_keys"]),
             "values": np.asarray(state["cache_values"]),
         }
-        return np.asarray(state["assign"], np.int64), int(step), log, cache_state
+        iteration = int(state["iteration"])
+        return np.asarray(state["assign"], np.int64), iteration, log, cache_state

@@ -53,6 +53,10 @@ from d2c_jax.scoring import (
 from kernels import screening
 from kernels.merge import MergeConfig
 
+# A jitted call scores candidates whose work is within this factor of its largest
+# one's, so at most a quarter of the computed rows are padding.
+SIMILAR_WORK = 0.75
+
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
@@ -131,6 +135,31 @@ class DevObjective:
             size = 3 * size // 4
         return sharding.round_to_devices(min(self.candidates_per_call, size), self.mesh)
 
+    def _chunks(self, masks: np.ndarray) -> list[np.ndarray]:
+        """Rows of ``masks [C, N]`` to merge and score together, one list per jitted call.
+
+        Every candidate of a call is computed on as many packed rows as the call's
+        largest, so a call groups candidates of similar work: taken largest first
+        (tokens of their members' examples), a call holds at most
+        `candidates_per_call` and only candidates that need at least
+        `SIMILAR_WORK` of its first one's tokens. A sweep-mode visit (one source set
+        ``a - i`` and K-1 destinations ``b + i`` of very different sizes) would
+        otherwise compute every small set at the size of the largest."""
+        tokens = masks @ self.task_tokens
+        order = np.argsort(-tokens, kind="stable")
+        chunks, start = [], 0
+        while start < len(order):
+            stop = start + 1
+            while (
+                stop < len(order)
+                and stop - start < self.candidates_per_call
+                and tokens[order[stop]] >= SIMILAR_WORK * tokens[order[start]]
+            ):
+                stop += 1
+            chunks.append(order[start:stop])
+            start = stop
+        return chunks
+
     def _gather_plan(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per candidate, the bank indices of its member tasks' examples: ``[C, M]`` + valid."""
         rows = [np.concatenate([self.examples_of[t] for t in np.flatnonzero(m)]) for m in masks]
@@ -162,12 +191,8 @@ class DevObjective:
         if not masks.any(axis=1).all():
             raise ValueError("every candidate needs at least one member")
         out = np.zeros(masks.shape, np.float64)
-        # Merged dense deltas are large, so merge and score one chunk at a time. Every
-        # candidate of a chunk is computed on as many packed rows as its largest one,
-        # so chunks take candidates in order of their token count (largest first).
-        order = np.argsort(-(masks @ self.task_tokens), kind="stable")
-        for start in range(0, len(masks), self.candidates_per_call):
-            rows = order[start : start + self.candidates_per_call]
+        # Merged dense deltas are large, so merge and score one chunk at a time.
+        for rows in self._chunks(masks):
             chunk = masks[rows]
             padded = np.concatenate(
                 [chunk, np.repeat(chunk[:1], self._chunk_size(len(chunk)) - len(chunk), 0)]
