@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
 from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
-from d2c_jax.library import write_json_atomic  # noqa: E402
+from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = ("random", "kmeans", "mbc", "d2c")
 BUDGETS = ("12.5%", "25%", "50%")
@@ -373,29 +373,51 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep = Sweep(args.out, args)
     refs = {name: sweep.reference(name) for name in SETTINGS}
+    plan = [  # seed-major: every budget gets a first seed early
+        (method, budget, seed)
+        for seed in args.seeds
+        for budget in args.budgets
+        for method in args.methods
+    ]
     cells = []
-    for seed in args.seeds:  # seed-major: every budget gets a first seed early
-        for budget in args.budgets:
-            for method in args.methods:
-                cells.append(sweep.cell(method, budget, seed))
-                print(f"done {method} {budget} seed {seed}", flush=True)
+    for method, budget, seed in plan:
+        cells.append(sweep.cell(method, budget, seed))
+        print(f"done {method} {budget} seed {seed}", flush=True)
+        # The table so far, after every cell: a sweep of hours can be read (and
+        # committed) while it runs.
+        write_table(args, sweep, cells, refs, missing=plan[len(cells) :])
+    print(markdown(summarise(cells, refs)))
+    return 0
+
+
+def write_table(args, sweep, cells, refs, missing) -> None:
+    """``paper_table.json`` / ``.md`` / ``.png`` next to `args.out`; `missing` lists the
+    cells not yet computed (empty when the table is complete)."""
     summary = summarise(cells, refs)
     summary.update(
+        complete=not missing,
+        missing_cells=[f"{m} {b} seed {s}" for m, b, s in missing],
         command=" ".join(sys.argv),
         machine=machine_info(),
         versions=versions(),
         settings={
-            "mode": args.mode,
-            "max_iters": args.max_iters,
+            "search": sweep.search_settings("d2c"),
             "seeds": args.seeds,
             "test_limit": args.test_limit,
+            "dev_examples_per_task": "all (10)",
             "merge": sweep.merge_config.to_dict(),
         },
     )
     write_json_atomic(args.out.parent / "paper_table.json", summary)
-    (args.out.parent / "paper_table.md").write_text(markdown(summary))
+    header = (
+        ""
+        if not missing
+        else (
+            f"Partial table: {len(missing)} of {len(missing) + len(cells)} cells still to run.\n\n"
+        )
+    )
+    write_text_atomic(args.out.parent / "paper_table.md", header + markdown(summary))
     plot(summary, args.out.parent / "paper_table.png")
-    print(markdown(summary))
     return 0
 
 

@@ -481,13 +481,18 @@ class AdapterLibrary:
 # ------------------------------------------------------------------- PEFT writing
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented UTF-8 JSON; a killed run leaves the old file or none."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 `text`; a killed run leaves the old file or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as indented UTF-8 JSON; a killed run leaves the old file or none."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False):
