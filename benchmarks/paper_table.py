@@ -165,7 +165,8 @@ class Sweep:
             self.merge_config,
             limit=self.args.test_limit,
         )
-        storage, dev_j = {"single": 1.0}.get(name, 0.0), None
+        storage = {"single": 1.0, "one_merged": 1 / lib.num_adapters}.get(name, 0.0)
+        dev_j = None
         groupings = reference_groupings(lib.names)
         if name in groupings:
             assign = groupings[name]
@@ -318,22 +319,23 @@ def plot(summary: dict[str, Any], path: Path) -> None:
                 capsize=3,
                 label=method,
             )
-    styles = {
-        "single": ":",
-        "one_merged": "--",
-        "by_language": (0, (5, 1)),
-        "by_type": (0, (3, 1, 1, 1)),
-        "base_chat": "-.",
-        "base_raw": (0, (1, 3)),
-    }
+    # References that store adapters are points at their storage (one merged adapter,
+    # the groupings, all single adapters); the base model stores none: a line.
+    markers = {"single": "*", "one_merged": "v", "by_language": "s", "by_type": "D"}
     for name, ref in summary["references"].items():
-        ax.axhline(
-            ref["score"],
-            color="gray",
-            linestyle=styles.get(name, ":"),
-            label=f"{name} ({ref['score']:.1f})",
-        )
-    ax.set_xlabel("storage (% of the library)")
+        label = f"{name} ({ref['score']:.1f})"
+        if name in markers:
+            ax.plot(
+                100 * ref["storage"], ref["score"], markers[name], color="gray", ms=8, label=label
+            )
+        else:
+            style = "-." if name == "base_chat" else ":"
+            ax.axhline(ref["score"], color="gray", linestyle=style, label=label)
+    ax.set_xscale("log", base=2)
+    stored = [r["storage"] for r in [*summary["rows"], *summary["references"].values()]]
+    ticks = sorted({100 * x for x in stored if x > 0})
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.set_xlabel("storage (% of the library, log scale)")
     ax.set_ylabel("average test score (0-100)")
     ax.set_title("Score against storage budget (mean ± std over seeds)")
     ax.legend(fontsize=8)
