@@ -26,15 +26,16 @@ from typing import Any
 
 from d2c_jax.library import write_json_atomic
 
-# Aimed at 15 minutes on a 2-core CPU with the 40-adapter library. Measured: 18 min
-# 18 s in all, of which one D2C sweep iteration (every adapter visited once, 205
-# member sets of ~8 tasks on 4 dev examples each) took 841 s and the rest (loading,
-# 10 test answers per task for the single adapters and three clusterings) about 4
-# minutes, so the demo still overruns (see README "Status").
+# Sized for 15 minutes on a 2-core CPU with the 40-adapter library, install included.
+# Measured on a quiet machine: 12 min 29 s after a 63 s `make install` (peak RSS
+# 8.1 GB), of which the D2C sweep (40 visits of ~5 member sets of ~8 tasks on 2 dev
+# examples each, ~10.5 s per visit) took 428 s and the test answers (8 per task for
+# the single adapters and three clusterings) about 3 minutes. With 3 dev examples per
+# task the demo took 14 min 53 s (same D2C test score), with 4 it overran.
 DEMO_DEFAULTS = {
     "budget": "12.5%",
-    "dev_per_task": 4,
-    "test_per_task": 10,
+    "dev_per_task": 2,
+    "test_per_task": 8,
     "mode": "sweep",
     "max_iters": 1,
     "seed": 0,
@@ -189,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo_settings": vars(args)
         | {"out": str(out), "library": str(library_dir), "tasks": str(args.tasks or "built-in")},
         "differs_from_full_sweep": (
-            f"1 seed (full: >= 3); {args.dev_per_task} of 10 dev examples per task; D2C "
-            f"({args.mode} mode) capped at {args.max_iters} iteration(s) (full: 10); "
-            f"{args.test_per_task} of 100 test examples per task"
+            f"1 seed (make paper: 3); {args.dev_per_task} of 10 dev examples per task; D2C "
+            f"in {args.mode} mode, at most {args.max_iters} iteration(s) (make paper: 1 "
+            f"sweep); {args.test_per_task} of 100 test examples per task (make paper: 50)"
         ),
         "rows": rows,
         "versions": versions(),
