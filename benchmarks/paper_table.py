@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -191,18 +192,13 @@ class Sweep:
             return stored
         lib = self.library
         k = clustering.resolve_budget(budget, lib)
+        settings = "_".join(str(v) for v in (self.search_settings(method) or {}).values())
+        checkpoint = self.out / "ckpt" / f"{name}_n{lib.num_adapters}_{settings}"
         before = self.objective.evaluations
         start = time.perf_counter()
         if method == "d2c":
             search = clustering.D2CClustering(**self.search_settings(method))
-            settings = "_".join(str(v) for v in self.search_settings(method).values())
-            result = search.fit(
-                lib,
-                k,
-                seed,
-                self.objective,
-                checkpoint_dir=self.out / "ckpt" / f"{name}_n{lib.num_adapters}_{settings}",
-            )
+            result = search.fit(lib, k, seed, self.objective, checkpoint_dir=checkpoint)
         else:
             result = clustering.METHODS[method]().fit(lib, k, seed)
         cluster_seconds = time.perf_counter() - start
@@ -230,6 +226,9 @@ class Sweep:
         }
         write_json_atomic(path, cell)
         self.save_cache()
+        # The cell supersedes its search checkpoint (kept only while the cell runs,
+        # so that a killed sweep, also in a fresh clone, resumes mid-search).
+        shutil.rmtree(checkpoint, ignore_errors=True)
         return cell
 
 
