@@ -227,7 +227,7 @@ def agreement(library, assign, k, chosen, peer_tasks, cached, cached_deployed, m
         "spearman_untruncated_vs_deployed_all_moves": float(
             spearmanr(moves[valid], deployed[valid]).statistic
         ),
-        "max_abs_diff_untruncated_vs_deployed": float(np.abs(moves - deployed)[valid].max()),
+        "max_abs_diff_untruncated_vs_deployed": float(np.abs(moves[valid] - deployed[valid]).max()),
         "best_move_untruncated": [library.names[best[0]], int(best[1])],
         "best_move_deployed": [library.names[best_deployed[0]], int(best_deployed[1])],
         "same_best_move": bool(best == best_deployed),

@@ -13,7 +13,9 @@ Every method's clusters are merged with the engine's default merge
 rows), which clustering never reads (D2C's objective uses only the 10 dev examples per
 task). Each row reports the mean and standard deviation over seeds of the
 average test score, the relative score (merged / single adapter, per task,
-averaged), the dev objective J, wall time and candidates scored.
+averaged), the dev objective J, the same objective on the first `TEST_NLL_EXAMPLES`
+test examples per task (held out: does a lower dev J carry over to unseen examples?),
+wall time and candidates scored.
 
 D2C starts from the same seed's K-Means clustering and runs one sweep by default
 (``--max-iters``): every adapter visited once in a seeded order and moved to the
@@ -50,6 +52,9 @@ from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
 from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
 
 METHODS = ("random", "kmeans", "mbc", "d2c")
+# Test examples per task on which the objective J is also reported (held out from
+# every method, like the test score).
+TEST_NLL_EXAMPLES = 20
 BUDGETS = ("12.5%", "25%", "50%")
 
 
@@ -71,9 +76,15 @@ class Sweep:
         self.base = load_base("default")
         self.merge_config = DEFAULT_MERGE
         dev = {name: task_suite.load_split(None, name, "dev") for name in self.library.names}
-        self.objective = CachedObjective(
-            DevObjective(self.base, self.library, dev, self.merge_config)
-        )
+        dev_objective = DevObjective(self.base, self.library, dev, self.merge_config)
+        self.objective = CachedObjective(dev_objective)
+        # The same objective on held-out test examples, never seen by any method: does
+        # a lower dev J carry over to unseen examples (or does D2C overfit its 10)?
+        test = {
+            name: task_suite.load_split(None, name, "test")[:TEST_NLL_EXAMPLES]
+            for name in self.library.names
+        }
+        self.test_objective = CachedObjective(dev_objective.with_examples(test))
         # Test results per member set (see `evaluate_assignment`), valid for one
         # library, merge config and test limit.
         self.cluster_scores_path = out / "cluster_scores.json"
@@ -87,18 +98,31 @@ class Sweep:
             stored = json.loads(self.cluster_scores_path.read_text())
             if stored.get("identity") == self.cluster_scores_identity:
                 self.cluster_scores = stored["clusters"]
-        self.cache_path = out / "objective_cache.npz"
-        if self.cache_path.is_file():
-            with np.load(self.cache_path) as data:
-                # Scores are valid for one library only (a library being built grows).
-                if data["names"].tolist() == list(self.library.names):
-                    self.objective.load_state({"keys": data["keys"], "values": data["values"]})
+        self.caches = {
+            out / "objective_cache.npz": self.objective,
+            out / f"test_objective_cache_first{TEST_NLL_EXAMPLES}.npz": self.test_objective,
+        }
+        for path, cached in self.caches.items():
+            if path.is_file():
+                with np.load(path) as data:
+                    # Valid for one library only (a library being built grows).
+                    if data["names"].tolist() == list(self.library.names):
+                        cached.load_state({"keys": data["keys"], "values": data["values"]})
 
     def save_cache(self) -> None:
-        state = self.objective.state()
-        tmp = self.cache_path.with_name(".objective_cache.tmp.npz")
-        np.savez(tmp, names=np.asarray(self.library.names), **state)
-        tmp.replace(self.cache_path)
+        for path, cached in self.caches.items():
+            tmp = path.with_name(f".{path.stem}.tmp.npz")
+            np.savez(tmp, names=np.asarray(self.library.names), **cached.state())
+            tmp.replace(path)
+
+    def objectives(self, assign: np.ndarray, k: int) -> tuple[float, float]:
+        """(dev J, test J) of an assignment ``[N]`` into K clusters."""
+        masks = np.asarray(assign)[None, :] == np.arange(k)[:, None]
+        n = self.library.num_adapters
+        return (
+            float(self.objective.cluster_losses(masks).sum() / n),
+            float(self.test_objective.cluster_losses(masks).sum() / n),
+        )
 
     def search_settings(self, method: str) -> dict[str, Any] | None:
         """What a D2C cell depends on beyond library and test limit."""
@@ -167,18 +191,17 @@ class Sweep:
             limit=self.args.test_limit,
         )
         storage = {"single": 1.0, "one_merged": 1 / lib.num_adapters}.get(name, 0.0)
-        dev_j = None
+        dev_j = test_j = None
         groupings = reference_groupings(lib.names)
         if name in groupings:
-            assign = groupings[name]
-            k = int(assign.max()) + 1
+            k = int(groupings[name].max()) + 1
             storage = k / lib.num_adapters
-            masks = assign[None, :] == np.arange(k)[:, None]
-            dev_j = float(self.objective.cluster_losses(masks).sum() / lib.num_adapters)
+            dev_j, test_j = self.objectives(groupings[name], k)
         return {
             "name": name,
             "storage": storage,
             "dev_objective": dev_j,
+            "test_objective": test_j,
             "per_task": scores,
             "seconds": time.perf_counter() - start,
         }
@@ -189,6 +212,11 @@ class Sweep:
         name = f"{method}_{budget.rstrip('%')}_{seed}"
         path = self.out / "cells" / f"{name}.json"
         if (stored := self.stored_cell(path, method)) is not None:
+            if "test_objective" not in stored:  # a cell from before test J was added
+                assign = np.array([stored["assignment"][t] for t in self.library.names])
+                stored["test_objective"] = self.objectives(assign, stored["k"])[1]
+                write_json_atomic(path, stored)
+                self.save_cache()
             return stored
         lib = self.library
         k = clustering.resolve_budget(budget, lib)
@@ -204,8 +232,7 @@ class Sweep:
         cluster_seconds = time.perf_counter() - start
         # Member sets the method itself scored (not those scored below to report J).
         candidates_scored = self.objective.evaluations - before
-        masks = clustering.membership_mask(result.assign, k)
-        dev_j = float(self.objective.cluster_losses(masks).sum() / lib.num_adapters)
+        dev_j, test_j = self.objectives(result.assign, k)
         scores = self.evaluate_assignment(result.assign)
         cell = {
             "name": name,
@@ -216,6 +243,7 @@ class Sweep:
             "storage": k / lib.num_adapters,
             "assignment": {t: int(result.assign[i]) for i, t in enumerate(lib.names)},
             "dev_objective": dev_j,
+            "test_objective": test_j,
             "cluster_seconds": cluster_seconds,
             "candidates_scored": candidates_scored,
             "info": result.info,
@@ -246,6 +274,7 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
             scores = [average_metrics(c["per_task"])["score"] for c in group]
             rel = [relative_score(c["per_task"], single) for c in group]
             dev = [c["dev_objective"] for c in group]
+            test_j = [c["test_objective"] for c in group]
             rows.append(
                 {
                     "method": method,
@@ -259,6 +288,8 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
                     "relative_std": float(np.std(rel)),
                     "dev_objective_mean": float(np.mean(dev)),
                     "dev_objective_std": float(np.std(dev)),
+                    "test_objective_mean": float(np.mean(test_j)),
+                    "test_objective_std": float(np.std(test_j)),
                     "cluster_seconds_mean": float(np.mean([c["cluster_seconds"] for c in group])),
                     "candidates_scored_mean": float(
                         np.mean([c["candidates_scored"] for c in group])
@@ -271,6 +302,7 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
             "score": average_metrics(ref["per_task"])["score"],
             "relative": relative_score(ref["per_task"], single),
             "dev_objective": ref["dev_objective"],
+            "test_objective": ref["test_objective"],
         }
         for name, ref in refs.items()
     }
@@ -280,21 +312,25 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
 def markdown(summary: dict[str, Any]) -> str:
     lines = [
         "| method | budget (K) | test score | relative score | dev objective J | "
-        "cluster time (s) | candidates scored |",
-        "|---|---|---|---|---|---|---|",
+        f"J on {TEST_NLL_EXAMPLES} test examples/task | cluster time (s) | candidates scored |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['method']} | {r['budget']} ({r['k']}) | {r['score_mean']:.1f} ± "
             f"{r['score_std']:.1f} | {r['relative_mean']:.3f} ± {r['relative_std']:.3f} | "
             f"{r['dev_objective_mean']:.4f} ± {r['dev_objective_std']:.4f} | "
+            f"{r['test_objective_mean']:.4f} ± {r['test_objective_std']:.4f} | "
             f"{r['cluster_seconds_mean']:.0f} | {r['candidates_scored_mean']:.0f} |"
         )
     for name, ref in summary["references"].items():
-        dev = "" if ref["dev_objective"] is None else f"{ref['dev_objective']:.4f}"
+        dev, test_j = (
+            "" if ref[key] is None else f"{ref[key]:.4f}"
+            for key in ("dev_objective", "test_objective")
+        )
         lines.append(
             f"| {name} | {100 * ref['storage']:.1f}% | {ref['score']:.1f} | "
-            f"{ref['relative']:.3f} | {dev} | | |"
+            f"{ref['relative']:.3f} | {dev} | {test_j} | | |"
         )
     return "\n".join(lines) + "\n"
 
@@ -406,6 +442,7 @@ def write_table(args, sweep, cells, refs, missing) -> None:
             "seeds": args.seeds,
             "test_limit": args.test_limit,
             "dev_examples_per_task": "all (10)",
+            "test_objective_examples_per_task": TEST_NLL_EXAMPLES,
             "merge": sweep.merge_config.to_dict(),
         },
     )

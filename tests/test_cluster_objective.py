@@ -108,6 +108,22 @@ def test_batched_equals_one_at_a_time_and_reference(
             assert batched[c, t] == pytest.approx(float(nll.mean()), rel=1e-5, abs=1e-6)
 
 
+def test_with_examples_scores_other_examples_on_the_same_merges(tiny_base, small_problem):
+    library, examples = small_problem
+    held_out = task_examples(library.names, seed=7, per_task=2)
+    masks = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    objective = DevObjective(tiny_base, library, examples, TIES)
+    before = objective.task_losses(masks)
+    other = objective.with_examples(held_out)
+    assert other.prepared is objective.prepared  # no second copy of the library
+    expected = DevObjective(tiny_base, library, held_out, TIES).task_losses(masks)
+    np.testing.assert_allclose(other.task_losses(masks), expected, rtol=1e-6)
+    assert not np.allclose(expected[masks], before[masks])
+    np.testing.assert_array_equal(objective.task_losses(masks), before)  # unchanged
+    with pytest.raises(ValueError, match="no dev examples"):
+        objective.with_examples({"t0": held_out["t0"]})
+
+
 def test_examples_must_cover_the_library(tiny_base, small_problem):
     library, examples = small_problem
     partial = {k: v for k, v in examples.items() if k != "t3"}

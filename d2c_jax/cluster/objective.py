@@ -30,6 +30,7 @@ not depend on the device count beyond float summation order.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
@@ -111,11 +112,14 @@ class DevObjective:
             sharding.LIBRARY,
         )
         self.candidates_per_call = sharding.round_to_devices(config.candidates_per_call, self.mesh)
+        self._set_examples(examples)
+
+    def _set_examples(self, examples: Mapping[str, Sequence[dict]]) -> None:
         flat, task_of = [], []
-        for t, name in enumerate(library.names):
+        for t, name in enumerate(self.library.names):
             flat.extend(examples[name])
             task_of.extend([t] * len(examples[name]))
-        self.bank = encode_examples(base, flat, task_key=None)
+        self.bank = encode_examples(self.base, flat, task_key=None)
         self.task_of = np.asarray(task_of)
         self.examples_of = [np.flatnonzero(self.task_of == t) for t in range(self.num_tasks)]
         # [N] tokens of each task's examples: orders candidates by the work they need.
@@ -123,6 +127,15 @@ class DevObjective:
             self.task_of, weights=self.bank.lengths, minlength=self.num_tasks
         )
         self.evaluations = 0
+
+    def with_examples(self, examples: Mapping[str, Sequence[dict]]) -> DevObjective:
+        """The same base, prepared library, merge and devices, scoring other examples
+        (e.g. held-out ones: the objective's value on data a search never saw), without
+        a second copy of the prepared library."""
+        check_examples(self.library, examples)
+        other = copy.copy(self)
+        other._set_examples(examples)
+        return other
 
     def _chunk_size(self, count: int) -> int:
         """Candidates computed for a chunk of `count`: the smallest of 1, 2, 3, 4, 6, 8,
