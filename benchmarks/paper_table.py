@@ -130,6 +130,12 @@ class Sweep:
             return None
         return {"init": "kmeans", "mode": self.args.mode, "max_iters": self.args.max_iters}
 
+    def cell_path(self, method: str, budget: str, seed: int) -> Path:
+        return self.out / "cells" / f"{method}_{budget.rstrip('%')}_{seed}.json"
+
+    def is_stored(self, method: str, budget: str, seed: int) -> bool:
+        return self.stored_cell(self.cell_path(method, budget, seed), method) is not None
+
     def stored_cell(self, path: Path, method: str) -> dict[str, Any] | None:
         """A finished cell, unless it was computed on another library, test limit or
         search setting."""
@@ -209,8 +215,8 @@ class Sweep:
     def cell(self, method: str, budget: str, seed: int) -> dict[str, Any]:
         from d2c_jax import cluster as clustering
 
-        name = f"{method}_{budget.rstrip('%')}_{seed}"
-        path = self.out / "cells" / f"{name}.json"
+        path = self.cell_path(method, budget, seed)
+        name = path.stem
         if (stored := self.stored_cell(path, method)) is not None:
             if "test_objective" not in stored:  # a cell from before test J was added
                 assign = np.array([stored["assignment"][t] for t in self.library.names])
@@ -422,12 +428,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done {method} {budget} seed {seed}", flush=True)
         # The table so far, after every cell: a sweep of hours can be read (and
         # committed) while it runs.
-        write_table(args, sweep, cells, refs, missing=plan[len(cells) :])
+        missing = [c for c in plan[len(cells) :] if not sweep.is_stored(*c)]
+        write_table(args, sweep, cells, refs, missing, plan)
     print(markdown(summarise(cells, refs)))
     return 0
 
 
-def write_table(args, sweep, cells, refs, missing) -> None:
+def write_table(args, sweep, cells, refs, missing, plan) -> None:
     """``paper_table.json`` / ``.md`` / ``.png`` next to `args.out`; `missing` lists the
     cells not yet computed (empty when the table is complete)."""
     summary = summarise(cells, refs)
@@ -450,9 +457,7 @@ def write_table(args, sweep, cells, refs, missing) -> None:
     header = (
         ""
         if not missing
-        else (
-            f"Partial table: {len(missing)} of {len(missing) + len(cells)} cells still to run.\n\n"
-        )
+        else (f"Partial table: {len(missing)} of {len(plan)} cells still to run.\n\n")
     )
     write_text_atomic(args.out.parent / "paper_table.md", header + markdown(summary))
     plot(summary, args.out.parent / "paper_table.png")
