@@ -373,8 +373,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
             style = "-." if name == "base_chat" else ":"
             ax.axhline(ref["score"], color="gray", linestyle=style, label=label)
     ax.set_xscale("log", base=2)
-    stored = [r["storage"] for r in [*summary["rows"], *summary["references"].values()]]
-    ticks = sorted({100 * x for x in stored if x > 0})
+    # Budgets and the two ends (a reference between budgets would crowd the labels).
+    ends = [summary["references"][n]["storage"] for n in ("one_merged", "single")]
+    ticks = sorted({100 * x for x in [*(r["storage"] for r in summary["rows"]), *ends]})
     ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
     ax.set_xlabel("storage (% of the library, log scale)")
     ax.set_ylabel("average test score (0-100)")
