@@ -309,7 +309,69 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
         }
         for name, ref in refs.items()
     }
-    return {"rows": rows, "references": references}
+    return {"rows": rows, "references": references, "d2c_vs": paired_differences(cells)}
+
+
+def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str, Any]]:
+    """`method` minus every other method at each budget, paired by seed.
+
+    Seeds pair naturally: D2C starts from the same seed's K-Means clustering, and the
+    other methods draw their randomness from the seed. For each (budget, other method)
+    with at least one shared seed: mean and standard deviation over seeds of the
+    difference in test score (positive: `method` better) and in J on held-out test
+    examples (negative: `method` better), on how many seeds `method` scores higher, and
+    a verdict on the score: "ahead" / "behind" when `method` is ahead (behind) on every
+    seed and the mean difference exceeds its standard deviation, "within spread"
+    otherwise, "one seed" when there is nothing to spread over.
+    """
+    from d2c_jax.evaluate import average_metrics
+
+    by_key = {(c["method"], c["budget"], c["seed"]): c for c in cells}
+    budgets = list(dict.fromkeys(c["budget"] for c in cells))
+    out = []
+    for budget in budgets:
+        for other in METHODS:
+            seeds = sorted(
+                s
+                for m, b, s in by_key
+                if m == method and b == budget and (other, budget, s) in by_key
+            )
+            if other == method or not seeds:
+                continue
+            pairs = [(by_key[method, budget, s], by_key[other, budget, s]) for s in seeds]
+            score = np.array(
+                [
+                    average_metrics(ours["per_task"])["score"]
+                    - average_metrics(theirs["per_task"])["score"]
+                    for ours, theirs in pairs
+                ]
+            )
+            test_j = np.array(
+                [ours["test_objective"] - theirs["test_objective"] for ours, theirs in pairs]
+            )
+            wins = int((score > 0).sum())
+            if len(seeds) == 1:
+                verdict = "one seed"
+            elif wins == len(seeds) and score.mean() > score.std():
+                verdict = "ahead"
+            elif (score < 0).all() and -score.mean() > score.std():
+                verdict = "behind"
+            else:
+                verdict = "within spread"
+            out.append(
+                {
+                    "budget": budget,
+                    "other": other,
+                    "seeds": seeds,
+                    "score_difference_mean": float(score.mean()),
+                    "score_difference_std": float(score.std()),
+                    "test_objective_difference_mean": float(test_j.mean()),
+                    "test_objective_difference_std": float(test_j.std()),
+                    "seeds_ahead": wins,
+                    "verdict": verdict,
+                }
+            )
+    return out
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -335,6 +397,24 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| {name} | {100 * ref['storage']:.1f}% | {ref['score']:.1f} | "
             f"{ref['relative']:.3f} | {dev} | {test_j} | | |"
         )
+    if summary["d2c_vs"]:
+        lines += [
+            "",
+            "D2C minus each method, paired by seed (test score: higher is better for D2C; "
+            "J: lower is); verdict on the score: ahead / behind on every seed by more than "
+            "the standard deviation of the difference, else within spread.",
+            "",
+            "| budget | D2C vs | test score difference | test J difference | D2C ahead on "
+            "| verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in summary["d2c_vs"]:
+            lines.append(
+                f"| {d['budget']} | {d['other']} | {d['score_difference_mean']:+.1f} ± "
+                f"{d['score_difference_std']:.1f} | {d['test_objective_difference_mean']:+.4f} ± "
+                f"{d['test_objective_difference_std']:.4f} | {d['seeds_ahead']} of "
+                f"{len(d['seeds'])} seeds | {d['verdict']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

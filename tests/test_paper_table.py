@@ -1,0 +1,90 @@
+"""benchmarks/paper_table.py: the seed-paired comparison of D2C with the other methods.
+
+The README states per budget whether D2C beats each method beyond the seed spread,
+so the pairing and the verdict are checked on cells with hand-computed differences.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.paper_table import markdown, paired_differences
+
+
+def cell(method: str, budget: str, seed: int, scores: list[float], test_j: float) -> dict:
+    per_task = {
+        f"task{t}": {"exact_match": 0.0, "chrf": 0.0, "score": s} for t, s in enumerate(scores)
+    }
+    return {
+        "method": method,
+        "budget": budget,
+        "seed": seed,
+        "per_task": per_task,
+        "test_objective": test_j,
+    }
+
+
+def by_other(diffs: list[dict], budget: str) -> dict[str, dict]:
+    return {d["other"]: d for d in diffs if d["budget"] == budget}
+
+
+def test_differences_are_paired_by_seed_and_averaged_over_tasks():
+    cells = [
+        # D2C task means 50, 60, 70 over seeds 0-2; kmeans 40, 58, 50: differences 10, 2, 20.
+        cell("d2c", "25%", 0, [40.0, 60.0], 1.0),
+        cell("d2c", "25%", 1, [60.0, 60.0], 2.0),
+        cell("d2c", "25%", 2, [70.0, 70.0], 3.0),
+        cell("kmeans", "25%", 2, [50.0, 50.0], 3.5),  # out of order: pairing is by seed
+        cell("kmeans", "25%", 0, [30.0, 50.0], 1.5),
+        cell("kmeans", "25%", 1, [58.0, 58.0], 2.0),
+    ]
+    (d,) = paired_differences(cells)
+    assert (d["budget"], d["other"], d["seeds"]) == ("25%", "kmeans", [0, 1, 2])
+    assert d["score_difference_mean"] == pytest.approx((10 + 2 + 20) / 3)
+    mean = (10 + 2 + 20) / 3
+    std = (((10 - mean) ** 2 + (2 - mean) ** 2 + (20 - mean) ** 2) / 3) ** 0.5
+    assert d["score_difference_std"] == pytest.approx(std)
+    assert d["test_objective_difference_mean"] == pytest.approx((-0.5 + 0.0 - 0.5) / 3)
+    assert d["seeds_ahead"] == 3
+    assert d["verdict"] == "ahead"  # ahead on every seed, mean 10.7 > std 7.4
+
+
+@pytest.mark.parametrize(
+    "others, verdict, ahead",
+    [
+        ([40.0, 40.0, 40.0], "ahead", 3),
+        ([60.0, 60.0, 60.0], "behind", 0),
+        # Ahead on every seed but by less than the spread of the difference.
+        ([49.0, 49.0, 30.0], "within spread", 3),
+        ([40.0, 60.0, 40.0], "within spread", 2),
+    ],
+)
+def test_verdict(others, verdict, ahead):
+    ours = [50.0, 50.0, 50.0]
+    cells = [cell("d2c", "50%", s, [v], 0.0) for s, v in enumerate(ours)]
+    cells += [cell("random", "50%", s, [v], 0.0) for s, v in enumerate(others)]
+    (d,) = paired_differences(cells)
+    assert d["verdict"] == verdict
+    assert d["seeds_ahead"] == ahead
+
+
+def test_unpaired_seeds_and_missing_methods_are_left_out():
+    cells = [
+        cell("d2c", "12.5%", 0, [50.0], 1.0),
+        cell("d2c", "12.5%", 1, [50.0], 1.0),
+        cell("mbc", "12.5%", 1, [45.0], 1.0),  # only seed 1 pairs
+        cell("kmeans", "12.5%", 2, [45.0], 1.0),  # no D2C cell for seed 2
+        cell("random", "25%", 0, [10.0], 3.0),  # no D2C at 25% yet
+    ]
+    diffs = paired_differences(cells)
+    assert [(d["budget"], d["other"], d["seeds"]) for d in diffs] == [("12.5%", "mbc", [1])]
+    assert diffs[0]["verdict"] == "one seed"
+
+
+def test_markdown_has_one_comparison_row_per_pair():
+    cells = [cell("d2c", "25%", s, [50.0], 1.0) for s in range(2)]
+    cells += [cell(m, "25%", s, [40.0], 2.0) for m in ("random", "kmeans") for s in range(2)]
+    summary = {"rows": [], "references": {}, "d2c_vs": paired_differences(cells)}
+    text = markdown(summary)
+    assert "| 25% | random | +10.0 ± 0.0 | -1.0000 ± 0.0000 | 2 of 2 seeds | ahead |" in text
+    assert "| 25% | kmeans | +10.0 ± 0.0 |" in text
