@@ -17,6 +17,10 @@ averaged), the dev objective J, the same objective on the first `TEST_NLL_EXAMPL
 test examples per task (held out: does a lower dev J carry over to unseen examples?),
 wall time and candidates scored.
 
+``--methods d2c_likelihood`` adds D2C with the bounded per-task loss
+``1 - exp(-nll)`` (`d2c_jax.cluster.d2c`, ``task_loss="likelihood"``); it shares the
+dev-objective cache with d2c and is compared with every other method by seed.
+
 D2C starts from the same seed's K-Means clustering and runs one sweep by default
 (``--max-iters``): every adapter visited once in a seeded order and moved to the
 cluster that lowers J most. More sweeps cost about as much again each.
@@ -51,7 +55,11 @@ from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
 from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
 from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
 
-METHODS = ("random", "kmeans", "mbc", "d2c")
+METHODS = ("random", "kmeans", "mbc", "d2c", "d2c_likelihood")
+# D2C with its objective's per-task loss (`d2c_jax.cluster.d2c.TASK_LOSSES`).
+D2C_TASK_LOSS = {"d2c": "nll", "d2c_likelihood": "likelihood"}
+# What `make paper` runs; d2c_likelihood (the bounded objective) is opt-in.
+DEFAULT_METHODS = ("random", "kmeans", "mbc", "d2c")
 # Test examples per task on which the objective J is also reported (held out from
 # every method, like the test score).
 TEST_NLL_EXAMPLES = 20
@@ -128,9 +136,12 @@ class Sweep:
 
     def search_settings(self, method: str) -> dict[str, Any] | None:
         """What a D2C cell depends on beyond library and test limit."""
-        if method != "d2c":
+        if method not in D2C_TASK_LOSS:
             return None
-        return {"init": "kmeans", "mode": self.args.mode, "max_iters": self.args.max_iters}
+        settings = {"init": "kmeans", "mode": self.args.mode, "max_iters": self.args.max_iters}
+        if D2C_TASK_LOSS[method] != "nll":  # cells of plain d2c keep their settings
+            settings["task_loss"] = D2C_TASK_LOSS[method]
+        return settings
 
     def cell_path(self, method: str, budget: str, seed: int) -> Path:
         return self.out / "cells" / f"{method}_{budget.rstrip('%')}_{seed}.json"
@@ -227,7 +238,7 @@ class Sweep:
         checkpoint = self.out / "ckpt" / f"{name}_n{lib.num_adapters}_{settings}"
         before = self.objective.evaluations
         start = time.perf_counter()
-        if method == "d2c":
+        if method in D2C_TASK_LOSS:
             search = clustering.D2CClustering(**self.search_settings(method))
             result = search.fit(lib, k, seed, self.objective, checkpoint_dir=checkpoint)
         else:
@@ -309,11 +320,15 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
         }
         for name, ref in refs.items()
     }
-    return {"rows": rows, "references": references, "d2c_vs": paired_differences(cells)}
+    comparisons = [d for method in D2C_TASK_LOSS for d in paired_differences(cells, method)]
+    return {"rows": rows, "references": references, "d2c_vs": comparisons}
 
 
 def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str, Any]]:
-    """`method` minus every other method at each budget, paired by seed.
+    """`method` minus the other methods at each budget, paired by seed.
+
+    A D2C variant is compared with every method before it in `METHODS` (so d2c with
+    the data-free ones, d2c_likelihood also with d2c).
 
     Seeds pair naturally: D2C starts from the same seed's K-Means clustering, and the
     other methods draw their randomness from the seed. For each (budget, other method)
@@ -330,13 +345,13 @@ def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str,
     budgets = list(dict.fromkeys(c["budget"] for c in cells))
     out = []
     for budget in budgets:
-        for other in METHODS:
+        for other in METHODS[: METHODS.index(method)]:
             seeds = sorted(
                 s
                 for m, b, s in by_key
                 if m == method and b == budget and (other, budget, s) in by_key
             )
-            if other == method or not seeds:
+            if not seeds:
                 continue
             pairs = [(by_key[method, budget, s], by_key[other, budget, s]) for s in seeds]
             score = np.array(
@@ -360,6 +375,7 @@ def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str,
                 verdict = "within spread"
             out.append(
                 {
+                    "method": method,
                     "budget": budget,
                     "other": other,
                     "seeds": seeds,
@@ -404,13 +420,14 @@ def markdown(summary: dict[str, Any]) -> str:
             "J: lower is); verdict on the score: ahead / behind on every seed by more than "
             "the standard deviation of the difference, else within spread.",
             "",
-            "| budget | D2C vs | test score difference | test J difference | D2C ahead on "
+            "| budget | method | vs | test score difference | test J difference | ahead on "
             "| verdict |",
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for d in summary["d2c_vs"]:
             lines.append(
-                f"| {d['budget']} | {d['other']} | {d['score_difference_mean']:+.1f} ± "
+                f"| {d['budget']} | {d['method']} | {d['other']} | "
+                f"{d['score_difference_mean']:+.1f} ± "
                 f"{d['score_difference_std']:.1f} | {d['test_objective_difference_mean']:+.4f} ± "
                 f"{d['test_objective_difference_std']:.4f} | {d['seeds_ahead']} of "
                 f"{len(d['seeds'])} seeds | {d['verdict']} |"
@@ -471,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "paper_table")
     parser.add_argument("--library", type=Path, default=None)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--mode", choices=("best", "sweep"), default="sweep")

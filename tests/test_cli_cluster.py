@@ -82,6 +82,24 @@ def test_cluster_writes_assignment_adapters_log_and_manifest(tiny_setup, tmp_pat
     assert not (out / ".search").exists()
 
 
+def test_task_loss_flag_selects_the_bounded_objective(tiny_setup, tmp_path):
+    root, hf_dir = tiny_setup
+    runs = {}
+    for task_loss in ("nll", "likelihood"):
+        out = tmp_path / task_loss
+        args = cluster_args(root, hf_dir, out, "--method", "d2c", "--max-iters", "1")
+        assert main([*args, "--task-loss", task_loss]) == 0
+        runs[task_loss] = json.loads((out / "manifest.json").read_text())
+        assert runs[task_loss]["settings"]["task_loss"] == task_loss
+    # Same initial clusters (same seed), so J_0 = mean(1 - exp(-nll_t)) <= mean nll_t
+    # with equality only at zero loss; the bounded objective lies in [0, 1).
+    first = {
+        name: json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])
+        for name in runs
+    }
+    assert 0 <= first["likelihood"]["objective"] < min(1.0, first["nll"]["objective"])
+
+
 @pytest.mark.parametrize("method", ["random", "kmeans", "mbc"])
 def test_data_free_methods_report_their_dev_objective(tiny_setup, tmp_path, method):
     root, hf_dir = tiny_setup

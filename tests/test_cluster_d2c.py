@@ -35,18 +35,21 @@ class PairwiseObjective:
         return np.where(masks, losses, 0.0)
 
 
-def objective_value(objective, assign, k):
-    return objective.task_losses(membership_mask(assign, k)).sum() / len(assign)
+def objective_value(objective, assign, k, task_loss="nll"):
+    nll = objective.task_losses(membership_mask(assign, k)).sum(0)  # [N], one cluster each
+    per_task = nll if task_loss == "nll" else 1.0 - np.exp(-nll)
+    return per_task.mean()
 
 
 GROUPS = (0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2)
 
 
-def test_move_deltas_equal_brute_force():
+@pytest.mark.parametrize("task_loss", ["nll", "likelihood"])
+def test_move_deltas_equal_brute_force(task_loss):
     objective = PairwiseObjective(GROUPS)
     assign = random_assignment(12, 3, seed=1)
-    deltas = move_deltas(assign, 3, CachedObjective(objective), np.arange(12))
-    base = objective_value(objective, assign, 3) * 12
+    deltas = move_deltas(assign, 3, CachedObjective(objective), np.arange(12), task_loss=task_loss)
+    base = objective_value(objective, assign, 3, task_loss) * 12
     for i in range(12):
         for b in range(3):
             moved = assign.copy()
@@ -54,7 +57,7 @@ def test_move_deltas_equal_brute_force():
             if b == assign[i] or (assign == assign[i]).sum() == 1:
                 assert deltas[i, b] == np.inf
             else:
-                expected = objective_value(objective, moved, 3) * 12 - base
+                expected = objective_value(objective, moved, 3, task_loss) * 12 - base
                 assert deltas[i, b] == pytest.approx(expected, abs=1e-9)
 
 
@@ -182,3 +185,77 @@ def test_requires_objective_and_valid_settings():
         D2CClustering().fit(planted_library(), 3, seed=0)
     with pytest.raises(ValueError, match="mode"):
         D2CClustering(mode="greedy")
+
+
+class TableObjective:
+    """Per-task losses of each member set, from a table ``{frozenset: {task: nll}}``."""
+
+    def __init__(self, table):
+        self.table = table
+        self.num_tasks = 3
+
+    def task_losses(self, masks):
+        out = np.zeros(np.shape(masks))
+        for row, mask in enumerate(np.asarray(masks, bool)):
+            for t, nll in self.table[frozenset(np.flatnonzero(mask).tolist())].items():
+                out[row, t] = nll
+        return out
+
+
+class FromAssignment(D2CClustering):
+    """D2C started from a given assignment instead of K-Means or random."""
+
+    def initial_assignment(self, library, k, seed):
+        return np.array([0, 0, 1])
+
+
+# Tasks 0, 1, 2 in clusters {0, 1} and {2}; task 1 is broken next to task 0. Moving 0
+# to {2} fixes task 1 but costs tasks 0 and 2 (mean NLL 9.2 -> 4.1 over 3 tasks);
+# moving 1 to {2} makes things worse under either loss.
+BROKEN_TASK = {
+    frozenset({0, 1}): {0: 0.1, 1: 9.0},
+    frozenset({2}): {2: 0.1},
+    frozenset({1}): {1: 0.1},
+    frozenset({0, 2}): {0: 1.0, 2: 3.0},
+    frozenset({0}): {0: 0.1},
+    frozenset({1, 2}): {1: 5.0, 2: 5.0},
+}
+
+
+def test_likelihood_loss_keeps_working_tasks_where_mean_nll_trades_them():
+    library = planted_library(groups=(0, 0, 0))
+    objective = TableObjective(BROKEN_TASK)
+    nll = FromAssignment(mode="best").fit(library, 2, 0, objective=objective, progress=False)
+    # Mean NLL takes the move: task 1 goes 9.0 -> 0.1, tasks 0 and 2 go to 1.0 and 3.0.
+    assert nll.assign.tolist() == [1, 0, 1]
+    assert nll.objective == pytest.approx((1.0 + 0.1 + 3.0) / 3)
+    # 1 - exp(-nll) saturates for a broken task: the same move makes it worse
+    # (0.095 + 1.000 + 0.095 -> 0.632 + 0.095 + 0.950 over 3 tasks).
+    lik = FromAssignment(mode="best", task_loss="likelihood").fit(
+        library, 2, 0, objective=objective, progress=False
+    )
+    assert lik.assign.tolist() == [0, 0, 1]
+    assert lik.log[-1]["converged"] and lik.info["task_loss"] == "likelihood"
+    expected = np.mean(1 - np.exp(-np.array([0.1, 9.0, 0.1])))
+    assert lik.objective == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mode", ["best", "sweep"])
+def test_likelihood_search_is_monotone_and_reports_its_objective(mode):
+    library = planted_library(groups=(0,) * 12)
+    objective = PairwiseObjective(GROUPS, seed=3)
+    result = D2CClustering(init="random", mode=mode, task_loss="likelihood").fit(
+        library, 3, seed=3, objective=objective, progress=False
+    )
+    objectives = [entry["objective"] for entry in result.log]
+    assert all(b <= a + 1e-12 for a, b in zip(objectives, objectives[1:], strict=False))
+    assert result.objective == pytest.approx(
+        objective_value(objective, result.assign, 3, "likelihood")
+    )
+
+
+def test_task_loss_settings_are_checked():
+    with pytest.raises(ValueError, match="task_loss must be one of nll, likelihood"):
+        D2CClustering(task_loss="mse")
+    with pytest.raises(ValueError, match="screening .* needs task_loss='nll'"):
+        D2CClustering(screen_top=4, task_loss="likelihood")

@@ -86,5 +86,21 @@ def test_markdown_has_one_comparison_row_per_pair():
     cells += [cell(m, "25%", s, [40.0], 2.0) for m in ("random", "kmeans") for s in range(2)]
     summary = {"rows": [], "references": {}, "d2c_vs": paired_differences(cells)}
     text = markdown(summary)
-    assert "| 25% | random | +10.0 ± 0.0 | -1.0000 ± 0.0000 | 2 of 2 seeds | ahead |" in text
-    assert "| 25% | kmeans | +10.0 ± 0.0 |" in text
+    assert "| 25% | d2c | random | +10.0 ± 0.0 | -1.0000 ± 0.0000 | 2 of 2 seeds | ahead |" in text
+    assert "| 25% | d2c | kmeans | +10.0 ± 0.0 |" in text
+
+
+def test_a_d2c_variant_is_compared_with_every_method_before_it():
+    methods = ("random", "kmeans", "mbc", "d2c", "d2c_likelihood")
+    cells = [cell(m, "50%", s, [10.0 * i], 1.0) for i, m in enumerate(methods) for s in (0, 1)]
+    pairs = [(d["method"], d["other"]) for d in paired_differences(cells, "d2c")]
+    pairs += [(d["method"], d["other"]) for d in paired_differences(cells, "d2c_likelihood")]
+    assert pairs == [
+        ("d2c", "random"),
+        ("d2c", "kmeans"),
+        ("d2c", "mbc"),
+        ("d2c_likelihood", "random"),
+        ("d2c_likelihood", "kmeans"),
+        ("d2c_likelihood", "mbc"),
+        ("d2c_likelihood", "d2c"),
+    ]

@@ -6,9 +6,16 @@ The objective of an assignment is
 
 the dev-set loss of each task under the merged adapter of its cluster. Because a
 cluster's merge and losses depend only on its member set, the search works with
-*cluster losses* ``S(members) = sum_{t in members} nll_t(merge(members))`` and
-``J = sum_k S(cluster k) / N``. A candidate move of adapter i from cluster a to
-cluster b changes J by
+*cluster losses* ``S(members) = sum_{t in members} f(nll_t(merge(members)))`` and
+``J = sum_k S(cluster k) / N``, where ``f`` is the task loss (`TASK_LOSSES`):
+``nll`` (the default, ``f(x) = x``: D2C as defined) or ``likelihood``
+(``f(x) = 1 - exp(-x)``; ``exp(-x)`` is a geometric mean of target-token probabilities). Mean
+NLL is unbounded: pulling a broken task from NLL 9 to 2 (still broken) pays as much
+as keeping a working task from going 0.1 to 7.1, while a generation score saturates at
+0. ``likelihood`` is bounded in [0, 1), so it weighs the tasks that work. The cache
+holds the raw per-task NLL, so both share it.
+
+A candidate move of adapter i from cluster a to cluster b changes J by
 
     dJ(i -> b) = [S(a - i) + S(b + i) - S(a) - S(b)] / N,
 
@@ -67,6 +74,13 @@ from kernels.screening import spearman
 # During a sweep, save the score cache at most this often (see module docstring).
 SWEEP_SAVE_SECONDS = 120.0
 
+# Per-task loss f(mean dev NLL) that J averages (module docstring); f(0) = 0, so the
+# zeros of non-member tasks add nothing.
+TASK_LOSSES = {
+    "nll": lambda nll: nll,
+    "likelihood": lambda nll: -np.expm1(-nll),
+}
+
 
 class Objective(Protocol):
     """What D2C needs from the data: per-task losses of merged member sets."""
@@ -92,8 +106,9 @@ class CachedObjective:
     def key(mask: np.ndarray) -> bytes:
         return np.packbits(mask.astype(bool)).tobytes()
 
-    def cluster_losses(self, masks: np.ndarray) -> np.ndarray:
-        """``masks [C, N]`` -> ``S [C]`` (sum of member-task losses), scoring only unseen sets."""
+    def cluster_losses(self, masks: np.ndarray, task_loss: str = "nll") -> np.ndarray:
+        """``masks [C, N]`` -> ``S [C]``: sum over member tasks of ``TASK_LOSSES[task_loss]``
+        of their NLL, scoring only unseen sets."""
         keys = [self.key(m) for m in masks]
         missing: dict[bytes, np.ndarray] = {}
         for key, mask in zip(keys, masks, strict=True):
@@ -104,7 +119,8 @@ class CachedObjective:
             for key, row in zip(missing, losses, strict=True):
                 self.cache[key] = np.asarray(row, np.float64)
             self.evaluations += len(missing)
-        return np.array([self.cache[key].sum() for key in keys])
+        f = TASK_LOSSES[task_loss]
+        return np.array([f(self.cache[key]).sum() for key in keys])
 
     def state(self) -> dict[str, np.ndarray]:
         keys = list(self.cache)
@@ -127,8 +143,9 @@ def move_deltas(
     cached: CachedObjective,
     movers: np.ndarray,
     pairs: np.ndarray | None = None,
+    task_loss: str = "nll",
 ):
-    """Change of N*J for moving each adapter in `movers` to each cluster.
+    """Change of N*J (J with `task_loss`) for moving each adapter in `movers` to each cluster.
 
     Returns ``[len(movers), K]`` (inf where the move is a no-op, would empty a
     cluster, or is not in `pairs`) from one batched evaluation of all needed member
@@ -155,7 +172,7 @@ def move_deltas(
                 dest[i] = True
                 masks.append(dest)
                 slots[row, b] = (source_slot, len(masks) - 1)
-    losses = cached.cluster_losses(np.stack(masks))
+    losses = cached.cluster_losses(np.stack(masks), task_loss)
     deltas = np.full((len(movers), k), np.inf)
     for (row, b), (source_slot, dest_slot) in slots.items():
         a = assign[movers[row]]
@@ -171,7 +188,9 @@ class D2CClustering:
       init: initial assignment, ``kmeans`` (K-Means on parameters) or ``random``.
       mode: ``best`` (best single move per iteration) or ``sweep`` (Gauss-Seidel).
       max_iters: upper bound on iterations.
-      tol: a move must lower J by more than this (nats/token averaged over tasks).
+      tol: a move must lower J by more than this (in J's units: nats/token for
+        ``nll``, probability for ``likelihood``, averaged over tasks).
+      task_loss: the per-task loss J averages, a key of `TASK_LOSSES` (module docstring).
       kmeans: settings of the K-Means initialisation.
       screen_top: M > 0 turns on first-order screening (``best`` mode only): only the
         M best-estimated moves (plus the reliability sample) are scored exactly.
@@ -185,6 +204,7 @@ class D2CClustering:
     mode: str = "best"
     max_iters: int = 50
     tol: float = 1e-4
+    task_loss: str = "nll"
     kmeans: KMeansClustering = KMeansClustering()
     screen_top: int = 0
     screen_sample: int = 16
@@ -201,6 +221,13 @@ class D2CClustering:
             raise ValueError("screen_top must be >= 0 and screen_sample >= 3")
         if self.screen_top and self.mode != "best":
             raise ValueError("screening (screen_top > 0) needs mode='best'")
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(
+                f"task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}"
+            )
+        if self.screen_top and self.task_loss != "nll":
+            # The first-order estimate is of the change of mean NLL.
+            raise ValueError("screening (screen_top > 0) needs task_loss='nll'")
 
     def initial_assignment(self, library: AdapterLibrary, k: int, seed: int) -> np.ndarray:
         method = self.kmeans if self.init == "kmeans" else RandomClustering()
@@ -235,7 +262,9 @@ class D2CClustering:
             assign = self.initial_assignment(library, k, seed)
             iteration, log = 0, []
             start = time.perf_counter()
-            objective_value = cached.cluster_losses(membership_mask(assign, k)).sum() / n
+            objective_value = (
+                cached.cluster_losses(membership_mask(assign, k), self.task_loss).sum() / n
+            )
             log.append(
                 {
                     "iteration": 0,
@@ -271,7 +300,9 @@ class D2CClustering:
             )
             iteration += 1
             seconds = time.perf_counter() - start
-            objective_value = cached.cluster_losses(membership_mask(assign, k)).sum() / n
+            objective_value = (
+                cached.cluster_losses(membership_mask(assign, k), self.task_loss).sum() / n
+            )
             scored = cached.evaluations - before
             done = not moves
             log.append(
@@ -307,6 +338,7 @@ class D2CClustering:
                 "candidates_scored": cached.evaluations,
                 "init": self.init,
                 "mode": self.mode,
+                "task_loss": self.task_loss,
                 "screen_top": self.screen_top,
             },
         )
@@ -321,7 +353,9 @@ class D2CClustering:
             if self.screen_top:
                 deltas, screened = self._screened_deltas(assign, k, cached, seed, iteration)
             else:
-                deltas = move_deltas(assign, k, cached, np.arange(n)) / n  # [N, K]
+                deltas = (
+                    move_deltas(assign, k, cached, np.arange(n), task_loss=self.task_loss) / n
+                )  # [N, K]
             i, b = np.unravel_index(np.argmin(deltas), deltas.shape)
             considered = (
                 int(np.isfinite(deltas).sum()) if screened is None else screened["candidates"]
@@ -339,7 +373,7 @@ class D2CClustering:
         )
         for i in visits:
             before = cached.evaluations
-            deltas = move_deltas(assign, k, cached, np.array([i]))[0] / n
+            deltas = move_deltas(assign, k, cached, np.array([i]), task_loss=self.task_loss)[0] / n
             considered += int(np.isfinite(deltas).sum())
             b = int(np.argmin(deltas))
             if deltas[b] < -self.tol:
@@ -371,7 +405,7 @@ class D2CClustering:
             elif not deltas.min() < -self.tol:
                 fallback = "no improving move among the screened"
         if fallback:
-            deltas = move_deltas(assign, k, cached, np.arange(n)) / n
+            deltas = move_deltas(assign, k, cached, np.arange(n), task_loss=self.task_loss) / n
         record = {
             "candidates": len(valid),
             "scored_exactly": len(valid) if fallback else int(chosen.sum()),

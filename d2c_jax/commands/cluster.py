@@ -33,6 +33,7 @@ SEARCH_DIR = ".search"
 
 
 def add_parser(subparsers) -> None:
+    from d2c_jax.cluster.d2c import TASK_LOSSES
     from d2c_jax.merging import add_merge_arguments
 
     parser = subparsers.add_parser(
@@ -74,6 +75,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-iters", type=int, default=50)
     parser.add_argument(
         "--tol", type=float, default=1e-4, help="minimum objective improvement of a move"
+    )
+    parser.add_argument(
+        "--task-loss",
+        choices=tuple(TASK_LOSSES),
+        default="nll",
+        help="d2c: per-task loss the objective averages: nll (mean dev NLL, D2C as "
+        "defined) or likelihood (1 - exp(-nll), bounded: a broken task cannot outweigh "
+        "working ones)",
     )
     parser.add_argument(
         "--score-deployed",
@@ -139,6 +148,7 @@ def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
         "mode": args.mode,
         "max_iters": args.max_iters,
         "tol": args.tol,
+        "task_loss": args.task_loss,
         "score_deployed": args.score_deployed,
         "screen_top": args.screen_top,
         "screen_sample": args.screen_sample,
@@ -235,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             mode=args.mode,
             max_iters=args.max_iters,
             tol=args.tol,
+            task_loss=args.task_loss,
             screen_top=args.screen_top,
             screen_sample=args.screen_sample,
             screen_min_corr=args.screen_min_corr,
