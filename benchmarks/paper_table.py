@@ -55,14 +55,43 @@ from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
 from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
 from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
 
-METHODS = ("random", "kmeans", "mbc", "d2c", "d2c_likelihood")
-# D2C with its objective's per-task loss (`d2c_jax.cluster.d2c.TASK_LOSSES`).
-D2C_TASK_LOSS = {"d2c": "nll", "d2c_likelihood": "likelihood"}
-# What `make paper` runs; d2c_likelihood (the bounded objective) is opt-in.
-DEFAULT_METHODS = ("random", "kmeans", "mbc", "d2c")
+DATA_FREE = ("random", "kmeans", "mbc")
+# D2C variants compared on the validation slice (docs/RESULTS.md, ablation): name ->
+# settings of `d2c_jax.cluster.D2CClustering`. "d2c" is what `d2c cluster --method d2c`
+# runs with no flags (`D2CClustering()`); the others are the variants tried, losers kept.
+D2C_VARIANTS: dict[str, dict[str, Any]] = {
+    "d2c": {},
+    "d2c_kmeans_nll_sweep": {"init": "kmeans", "mode": "sweep", "max_iters": 1},
+    "d2c_kmeans_likelihood_sweep": {
+        "init": "kmeans",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+    },
+    "d2c_mbc_nll_sweep": {"init": "mbc", "mode": "sweep", "max_iters": 1},
+    "d2c_mbc_likelihood_sweep": {
+        "init": "mbc",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+    },
+    "d2c_mbc_nll_lloyd": {"init": "mbc", "mode": "lloyd", "max_iters": 10},
+    "d2c_mbc_likelihood_lloyd": {
+        "init": "mbc",
+        "mode": "lloyd",
+        "max_iters": 10,
+        "task_loss": "likelihood",
+    },
+}
+METHODS = (*DATA_FREE, *D2C_VARIANTS)
+# What `make paper` runs; the other D2C variants are opt-in (`--methods`).
+DEFAULT_METHODS = (*DATA_FREE, "d2c")
 # Test examples per task on which the objective J is also reported (held out from
 # every method, like the test score).
 TEST_NLL_EXAMPLES = 20
+# Where each task's score is measured: the reported test slice, and a validation slice
+# of the same split, disjoint from it, on which D2C's settings are chosen.
+EVAL_SLICES = {"test": 0, "val": TEST_EXAMPLES_PER_TASK}
 BUDGETS = ("12.5%", "25%", "50%")
 
 
@@ -83,23 +112,35 @@ class Sweep:
         self.library = AdapterLibrary.load(self.library_dir)
         self.base = load_base("default")
         self.merge_config = DEFAULT_MERGE
-        dev = {name: task_suite.load_split(None, name, "dev") for name in self.library.names}
+        for name in self.library.names:
+            for split in ("dev", "test"):
+                path = Path(args.tasks or task_suite.suite_dir()) / name / f"{split}.jsonl"
+                if not path.is_file():
+                    raise SystemExit(f"error: task {name!r} has no {split} split: {path} missing")
+        dev = {name: task_suite.load_split(args.tasks, name, "dev") for name in self.library.names}
         dev_objective = DevObjective(self.base, self.library, dev, self.merge_config)
         self.objective = CachedObjective(dev_objective)
         # The same objective on held-out test examples, never seen by any method: does
         # a lower dev J carry over to unseen examples (or does D2C overfit its 10)?
         test = {
-            name: task_suite.load_split(None, name, "test")[:TEST_NLL_EXAMPLES]
+            name: task_suite.load_split(args.tasks, name, "test")[:TEST_NLL_EXAMPLES]
             for name in self.library.names
         }
         self.test_objective = CachedObjective(dev_objective.with_examples(test))
-        # Test results per member set (see `evaluate_assignment`), valid for one
-        # library, merge config and test limit.
-        self.cluster_scores_path = out / "cluster_scores.json"
+        # Where scores are measured: the test slice (reported) or the validation slice
+        # (examples [test_limit, 2 test_limit) of the test split; settings are chosen
+        # there), each with its own per-task key in a cell and its own cache.
+        self.eval_start = EVAL_SLICES[args.eval] if args.eval == "test" else args.test_limit
+        self.per_task_key = "per_task" if args.eval == "test" else f"per_task_{args.eval}"
+        # Results per member set (see `evaluate_assignment`), valid for one library,
+        # merge config and example slice.
+        suffix = "" if args.eval == "test" else f"_{args.eval}"
+        self.cluster_scores_path = out / f"cluster_scores{suffix}.json"
         self.cluster_scores_identity = {
             "library": list(self.library.names),
             "merge": self.merge_config.to_dict(),
             "test_limit": args.test_limit,
+            **({"start": self.eval_start} if self.eval_start else {}),
         }
         self.cluster_scores: dict[str, dict] = {}
         if self.cluster_scores_path.is_file():
@@ -135,12 +176,17 @@ class Sweep:
         )
 
     def search_settings(self, method: str) -> dict[str, Any] | None:
-        """What a D2C cell depends on beyond library and test limit."""
-        if method not in D2C_TASK_LOSS:
+        """What a D2C cell depends on beyond library and test limit: the settings that
+        differ from ``D2CClustering``'s field defaults are implied by the class, so the
+        record holds init, mode, max_iters and, when not nll, task_loss."""
+        from d2c_jax.cluster import D2CClustering
+
+        if method not in D2C_VARIANTS:
             return None
-        settings = {"init": "kmeans", "mode": self.args.mode, "max_iters": self.args.max_iters}
-        if D2C_TASK_LOSS[method] != "nll":  # cells of plain d2c keep their settings
-            settings["task_loss"] = D2C_TASK_LOSS[method]
+        search = D2CClustering(**D2C_VARIANTS[method])
+        settings = {"init": search.init, "mode": search.mode, "max_iters": search.max_iters}
+        if search.task_loss != "nll":
+            settings["task_loss"] = search.task_loss
         return settings
 
     def cell_path(self, method: str, budget: str, seed: int) -> Path:
@@ -182,7 +228,13 @@ class Sweep:
         if missing:
             adapters = merged_task_adapters(self.library, assign, self.merge_config, missing)
             scores = evaluate_adapters(
-                self.base, adapters, None, "test", limit=self.args.test_limit, progress=False
+                self.base,
+                adapters,
+                self.args.tasks,
+                "test",
+                limit=self.args.test_limit,
+                start=self.eval_start,
+                progress=False,
             )
             for c in missing:
                 self.cluster_scores[members[c]] = {t: scores[t] for t in members[c].split("|")}
@@ -231,6 +283,10 @@ class Sweep:
         path = self.cell_path(method, budget, seed)
         name = path.stem
         if (stored := self.stored_cell(path, method)) is not None:
+            if self.per_task_key not in stored:  # clustered before, scored on another slice
+                assign = np.array([stored["assignment"][t] for t in self.library.names])
+                stored[self.per_task_key] = self.evaluate_assignment(assign)
+                write_json_atomic(path, stored)
             return stored
         lib = self.library
         k = clustering.resolve_budget(budget, lib)
@@ -238,7 +294,7 @@ class Sweep:
         checkpoint = self.out / "ckpt" / f"{name}_n{lib.num_adapters}_{settings}"
         before = self.objective.evaluations
         start = time.perf_counter()
-        if method in D2C_TASK_LOSS:
+        if method in D2C_VARIANTS:
             search = clustering.D2CClustering(**self.search_settings(method))
             result = search.fit(lib, k, seed, self.objective, checkpoint_dir=checkpoint)
         else:
@@ -247,7 +303,6 @@ class Sweep:
         # Member sets the method itself scored (not those scored below to report J).
         candidates_scored = self.objective.evaluations - before
         dev_j, test_j = self.objectives(result.assign, k)
-        scores = self.evaluate_assignment(result.assign)
         cell = {
             "name": name,
             "method": method,
@@ -261,23 +316,27 @@ class Sweep:
             "cluster_seconds": cluster_seconds,
             "candidates_scored": candidates_scored,
             "info": result.info,
-            "per_task": scores,
             "library": list(lib.names),
             "test_limit": self.args.test_limit,
             "search": self.search_settings(method),
         }
+        # The clustering is stored before it is scored: a killed run scores it on restart.
         write_json_atomic(path, cell)
         self.save_cache()
         # The cell supersedes its search checkpoint (kept only while the cell runs,
         # so that a killed sweep, also in a fresh clone, resumes mid-search).
         shutil.rmtree(checkpoint, ignore_errors=True)
+        cell[self.per_task_key] = self.evaluate_assignment(result.assign)
+        write_json_atomic(path, cell)
         return cell
 
 
-def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
+def summarise(cells: list[dict], refs: dict[str, dict], key: str = "per_task") -> dict[str, Any]:
+    """Rows per (method, budget) over seeds; `key` names the per-task results scored
+    (``per_task``: test slice; ``per_task_val``: validation slice, no references)."""
     from d2c_jax.evaluate import average_metrics, relative_score
 
-    single = refs["single"]["per_task"]
+    single = refs["single"]["per_task"] if "single" in refs else None
     rows = []
     budgets = list(dict.fromkeys(c["budget"] for c in cells))  # as swept, e.g. "12.5%"
     for method in METHODS:
@@ -285,8 +344,8 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
             group = [c for c in cells if c["method"] == method and c["budget"] == budget]
             if not group:
                 continue
-            scores = [average_metrics(c["per_task"])["score"] for c in group]
-            rel = [relative_score(c["per_task"], single) for c in group]
+            scores = [average_metrics(c[key])["score"] for c in group]
+            rel = [relative_score(c[key], single) if single else np.nan for c in group]
             dev = [c["dev_objective"] for c in group]
             test_j = [c["test_objective"] for c in group]
             rows.append(
@@ -320,18 +379,19 @@ def summarise(cells: list[dict], refs: dict[str, dict]) -> dict[str, Any]:
         }
         for name, ref in refs.items()
     }
-    comparisons = [d for method in D2C_TASK_LOSS for d in paired_differences(cells, method)]
+    comparisons = [d for method in D2C_VARIANTS for d in paired_differences(cells, method, key)]
     return {"rows": rows, "references": references, "d2c_vs": comparisons}
 
 
-def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str, Any]]:
+def paired_differences(
+    cells: list[dict], method: str = "d2c", key: str = "per_task"
+) -> list[dict[str, Any]]:
     """`method` minus the other methods at each budget, paired by seed.
 
-    A D2C variant is compared with every method before it in `METHODS` (so d2c with
-    the data-free ones, d2c_likelihood also with d2c).
+    A D2C variant is compared with each data-free method (`DATA_FREE`).
 
-    Seeds pair naturally: D2C starts from the same seed's K-Means clustering, and the
-    other methods draw their randomness from the seed. For each (budget, other method)
+    Seeds pair naturally: D2C starts from the same seed's data-free clustering, and
+    the other methods draw their randomness from the seed. For each (budget, other method)
     with at least one shared seed: mean and standard deviation over seeds of the
     difference in test score (positive: `method` better) and in J on held-out test
     examples (negative: `method` better), on how many seeds `method` scores higher, and
@@ -345,7 +405,7 @@ def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str,
     budgets = list(dict.fromkeys(c["budget"] for c in cells))
     out = []
     for budget in budgets:
-        for other in METHODS[: METHODS.index(method)]:
+        for other in DATA_FREE:
             seeds = sorted(
                 s
                 for m, b, s in by_key
@@ -356,8 +416,7 @@ def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str,
             pairs = [(by_key[method, budget, s], by_key[other, budget, s]) for s in seeds]
             score = np.array(
                 [
-                    average_metrics(ours["per_task"])["score"]
-                    - average_metrics(theirs["per_task"])["score"]
+                    average_metrics(ours[key])["score"] - average_metrics(theirs[key])["score"]
                     for ours, theirs in pairs
                 ]
             )
@@ -390,9 +449,9 @@ def paired_differences(cells: list[dict], method: str = "d2c") -> list[dict[str,
     return out
 
 
-def markdown(summary: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any], scored: str = "test") -> str:
     lines = [
-        "| method | budget (K) | test score | relative score | dev objective J | "
+        f"| method | budget (K) | {scored} score | relative score | dev objective J | "
         f"J on {TEST_NLL_EXAMPLES} test examples/task | cluster time (s) | candidates scored |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -491,14 +550,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--mode", choices=("best", "sweep"), default="sweep")
     parser.add_argument(
-        "--max-iters",
-        type=int,
-        default=1,
-        help="D2C iterations; a sweep visits every adapter once and scores about N + K "
-        "member sets per visit, 15-21 min measured at 40 adapters and 10 dev examples per "
-        "task on 2 CPU cores (default: %(default)s)",
+        "--tasks",
+        type=Path,
+        default=None,
+        help="task-suite directory <tasks>/<task>/{dev,test}.jsonl (default: the built-in suite)",
+    )
+    parser.add_argument(
+        "--eval",
+        choices=tuple(EVAL_SLICES),
+        default="test",
+        help="score on the reported test slice (the first --test-limit test examples per "
+        "task) or on the validation slice (the next --test-limit), where D2C's settings "
+        "are chosen; val writes d2c_validation.{json,md}",
     )
     parser.add_argument(
         "--test-limit",
@@ -510,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sweep = Sweep(args.out, args)
-    refs = {name: sweep.reference(name) for name in SETTINGS}
+    # Reference rows are scored on the test slice of the built-in library only.
+    builtin = args.eval == "test" and args.library is None and args.tasks is None
+    refs = {name: sweep.reference(name) for name in SETTINGS} if builtin else {}
     plan = [  # seed-major: every budget gets a first seed early
         (method, budget, seed)
         for seed in args.seeds
@@ -525,15 +591,17 @@ def main(argv: list[str] | None = None) -> int:
         # committed) while it runs.
         missing = [c for c in plan[len(cells) :] if not sweep.is_stored(*c)]
         write_table(args, sweep, cells, refs, missing, plan)
-    print(markdown(summarise(cells, refs)))
+    print(markdown(summarise(cells, refs, sweep.per_task_key), args.eval))
     return 0
 
 
 def write_table(args, sweep, cells, refs, missing, plan) -> None:
     """``paper_table.json`` / ``.md`` / ``.png`` next to `args.out`; `missing` lists the
     cells not yet computed (empty when the table is complete)."""
-    summary = summarise(cells, refs)
+    summary = summarise(cells, refs, sweep.per_task_key)
     summary.update(
+        scored_on=f"{args.eval}: test examples [{sweep.eval_start}, "
+        f"{sweep.eval_start + args.test_limit}) of each task",
         complete=not missing,
         missing_cells=[f"{m} {b} seed {s}" for m, b, s in missing],
         command=" ".join(sys.argv),
@@ -548,11 +616,13 @@ def write_table(args, sweep, cells, refs, missing, plan) -> None:
             "merge": sweep.merge_config.to_dict(),
         },
     )
-    write_json_atomic(args.out.parent / "paper_table.json", summary)
+    stem = "paper_table" if args.eval == "test" else "d2c_validation"
+    write_json_atomic(args.out.parent / f"{stem}.json", summary)
     header = f"Partial table: {len(missing)} of {len(plan)} cells still to run.\n\n"
     header = header if missing else ""
-    write_text_atomic(args.out.parent / "paper_table.md", header + markdown(summary))
-    plot(summary, args.out.parent / "paper_table.png")
+    write_text_atomic(args.out.parent / f"{stem}.md", header + markdown(summary, args.eval))
+    if refs:
+        plot(summary, args.out.parent / f"{stem}.png")
 
 
 if __name__ == "__main__":

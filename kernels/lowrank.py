@@ -96,3 +96,27 @@ def delta_to_factors(delta: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]
     if tall:  # delta = m.T = right.T @ left.T
         return jnp.swapaxes(left, -1, -2), jnp.swapaxes(right, -1, -2)
     return right, left
+
+
+def factor_cosine(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array) -> jax.Array:
+    """Cosine similarity of the dense deltas ``B1 @ A1`` and ``B2 @ A2``, from the factors.
+
+    ``<B1 A1, B2 A2>_F = sum((B1^T B2) * (A1 A2^T))`` needs only ``[r, r]`` products, so
+    no ``[d_out, d_in]`` delta is formed. Leading axes broadcast (for example
+    ``A1 [1, L, r, d_in]`` against ``A2 [K, L, r, d_in]``).
+
+    Args:
+      a1, a2: ``[..., r, d_in]``; b1, b2: ``[..., d_out, r]``.
+    Returns:
+      ``[...]`` cosines; 0 where either delta is zero.
+    """
+
+    def inner(a, b, c, d):
+        return jnp.sum(
+            jnp.einsum("...or,...os->...rs", b, d) * jnp.einsum("...ri,...si->...rs", a, c),
+            axis=(-2, -1),
+        )
+
+    dot = inner(a1, b1, a2, b2)
+    norm = jnp.sqrt(jnp.maximum(inner(a1, b1, a1, b1) * inner(a2, b2, a2, b2), 0.0))
+    return jnp.where(norm > 0, dot / jnp.where(norm > 0, norm, 1.0), 0.0)

@@ -34,6 +34,20 @@ class PairwiseObjective:
         losses = 1 + others / np.maximum(sizes - 1, 1)
         return np.where(masks, losses, 0.0)
 
+    def cross_losses(self, masks):
+        """Every task's loss under each row's member set (members or not)."""
+        masks = np.asarray(masks, bool)
+        rows = []
+        for mask in masks:
+            others = [
+                self.c[t, mask & (np.arange(self.num_tasks) != t)].mean()
+                if (mask & (np.arange(self.num_tasks) != t)).any()
+                else 0.0
+                for t in range(self.num_tasks)
+            ]
+            rows.append(1 + np.array(others))
+        return np.array(rows)
+
 
 def objective_value(objective, assign, k, task_loss="nll"):
     nll = objective.task_losses(membership_mask(assign, k)).sum(0)  # [N], one cluster each
@@ -259,3 +273,73 @@ def test_task_loss_settings_are_checked():
         D2CClustering(task_loss="mse")
     with pytest.raises(ValueError, match="screening .* needs task_loss='nll'"):
         D2CClustering(screen_top=4, task_loss="likelihood")
+
+
+def lloyd_reference(objective, assign, k, task_loss="nll"):
+    """One Lloyd step written plainly: each task to its best current merge, applied
+    if J drops, else the best-gain half of the moves, and so on."""
+    n = len(assign)
+    cross = objective.cross_losses(membership_mask(assign, k))
+    target = []
+    for t in range(n):
+        best = min(range(k), key=lambda c: (cross[c, t], c != assign[t], c))
+        target.append(best)
+    target = np.array(target)
+    for c in range(k):
+        if not (target == c).any():
+            target[assign == c] = c
+    movers = sorted(
+        [t for t in range(n) if target[t] != assign[t]],
+        key=lambda t: -(cross[assign[t], t] - cross[target[t], t]),
+    )
+    j_now = objective_value(objective, assign, k, task_loss)
+    while movers:
+        trial = assign.copy()
+        trial[movers] = target[movers]
+        if len(set(trial)) == k and objective_value(objective, trial, k, task_loss) < j_now:
+            return trial
+        movers = movers[: len(movers) // 2]
+    return assign
+
+
+@pytest.mark.parametrize("task_loss", ["nll", "likelihood"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_lloyd_step_equals_plain_reference(task_loss, seed):
+    objective = PairwiseObjective(GROUPS, seed=seed)
+    assign = random_assignment(12, 3, seed=seed)
+    search = D2CClustering(mode="lloyd", task_loss=task_loss, tol=0.0)
+    step, moves, considered = search._lloyd_step(assign, 3, CachedObjective(objective))
+    np.testing.assert_array_equal(step, lloyd_reference(objective, assign, 3, task_loss))
+    assert considered == 36
+    assert [i for i, *_ in moves] == sorted(
+        np.flatnonzero(step != assign).tolist(), key=[i for i, *_ in moves].index
+    )
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans", "mbc"])
+def test_lloyd_search_is_monotone_and_recovers_planted_groups(init):
+    library = planted_library(groups=(0,) * 12)
+    objective = PairwiseObjective(GROUPS)
+    result = D2CClustering(init=init, mode="lloyd", max_iters=20).fit(
+        library, 3, 0, objective, progress=False
+    )
+    values = [entry["objective"] for entry in result.log]
+    assert all(b < a for a, b in zip(values, values[1:-1], strict=False))
+    assert values[-1] <= values[0]
+    assert result.info["converged"]
+    # Lloyd's fixed point here: each task sits with its planted group.
+    assert (
+        objective_value(objective, result.assign, 3)
+        <= objective_value(objective, np.array(GROUPS), 3) + 1e-9
+    )
+
+
+def test_lloyd_needs_cross_losses():
+    class NoCross:
+        num_tasks = 12
+
+        def task_losses(self, masks):
+            return np.where(masks, 1.0, 0.0)
+
+    with pytest.raises(ValueError, match="cross_losses"):
+        D2CClustering(mode="lloyd").fit(planted_library(groups=(0,) * 12), 3, 0, NoCross())

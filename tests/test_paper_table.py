@@ -90,17 +90,21 @@ def test_markdown_has_one_comparison_row_per_pair():
     assert "| 25% | d2c | kmeans | +10.0 ± 0.0 |" in text
 
 
-def test_a_d2c_variant_is_compared_with_every_method_before_it():
-    methods = ("random", "kmeans", "mbc", "d2c", "d2c_likelihood")
+def test_each_d2c_variant_is_compared_with_the_data_free_methods():
+    methods = ("random", "kmeans", "mbc", "d2c", "d2c_mbc_likelihood_sweep")
     cells = [cell(m, "50%", s, [10.0 * i], 1.0) for i, m in enumerate(methods) for s in (0, 1)]
     pairs = [(d["method"], d["other"]) for d in paired_differences(cells, "d2c")]
-    pairs += [(d["method"], d["other"]) for d in paired_differences(cells, "d2c_likelihood")]
-    assert pairs == [
-        ("d2c", "random"),
-        ("d2c", "kmeans"),
-        ("d2c", "mbc"),
-        ("d2c_likelihood", "random"),
-        ("d2c_likelihood", "kmeans"),
-        ("d2c_likelihood", "mbc"),
-        ("d2c_likelihood", "d2c"),
-    ]
+    pairs += [(d["method"], d["other"]) for d in paired_differences(cells, methods[-1])]
+    assert pairs == [(m, o) for m in methods[3:] for o in ("random", "kmeans", "mbc")]
+
+
+def test_validation_scores_are_read_from_their_own_key():
+    cells = [cell("d2c", "25%", s, [50.0], 1.0) for s in range(2)]
+    cells += [cell("mbc", "25%", s, [40.0], 1.0) for s in range(2)]
+    for c, val in zip(cells, [30.0, 30.0, 45.0, 45.0], strict=True):
+        c["per_task_val"] = {"task0": {"exact_match": 0.0, "chrf": 0.0, "score": val}}
+    (test,) = paired_differences(cells, "d2c")
+    (val,) = paired_differences(cells, "d2c", key="per_task_val")
+    assert test["score_difference_mean"] == pytest.approx(10.0)
+    assert val["score_difference_mean"] == pytest.approx(-15.0)
+    assert val["verdict"] == "behind"

@@ -14,10 +14,18 @@ from d2c_jax.cluster.base import (
     resolve_budget,
 )
 from d2c_jax.cluster.d2c import D2CClustering
+from d2c_jax.cluster.kmerge import KMergeClustering
 from d2c_jax.cluster.parameter import KMeansClustering, MBCClustering, RandomClustering
 
 METHODS: dict[str, type] = {
-    cls.name: cls for cls in (RandomClustering, KMeansClustering, MBCClustering, D2CClustering)
+    cls.name: cls
+    for cls in (
+        RandomClustering,
+        KMeansClustering,
+        MBCClustering,
+        KMergeClustering,
+        D2CClustering,
+    )
 }
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "ClusteringResult",
     "D2CClustering",
     "KMeansClustering",
+    "KMergeClustering",
     "MBCClustering",
     "RandomClustering",
     "check_assignment",

@@ -31,6 +31,12 @@ Modes:
     improving one.
   * ``sweep``: an iteration visits the adapters in a seeded order (a function of
     seed and iteration) and applies each adapter's best improving move at once.
+  * ``lloyd`` (the D2C paper's probable rule): every iteration merges the K
+    clusters, scores every task's dev examples under every merge (N x K task
+    evaluations instead of N(K-1) member sets of about N/K tasks each) and moves
+    each task to the cluster whose merge serves it best; the simultaneous step is
+    applied only if it lowers J (else its most promising half, and so on), so J
+    never increases. A move's ``delta_j`` in the log is that of the whole step.
 Moves that would empty a cluster are never considered. The search stops when no
 move improves J by more than `tol` or after `max_iters` iterations.
 
@@ -67,12 +73,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from d2c_jax.cluster.base import ClusteringResult, membership_mask
-from d2c_jax.cluster.parameter import KMeansClustering, RandomClustering
+from d2c_jax.cluster.parameter import KMeansClustering, MBCClustering, RandomClustering
 from d2c_jax.library import AdapterLibrary
 from kernels.screening import spearman
 
 # During a sweep, save the score cache at most this often (see module docstring).
 SWEEP_SAVE_SECONDS = 120.0
+
+INITS = ("kmeans", "mbc", "random")
+MODES = ("best", "sweep", "lloyd")
 
 # Per-task loss f(mean dev NLL) that J averages (module docstring); f(0) = 0, so the
 # zeros of non-member tasks add nothing.
@@ -121,6 +130,21 @@ class CachedObjective:
             self.evaluations += len(missing)
         f = TASK_LOSSES[task_loss]
         return np.array([f(self.cache[key]).sum() for key in keys])
+
+    def cross_losses(self, masks: np.ndarray) -> np.ndarray:
+        """``masks [C, N]`` -> ``[C, N]``: NLL of *every* task under each row's merge.
+
+        Needs an objective with ``cross_losses`` (`DevObjective`). The member entries of
+        a row are that member set's task losses, so they also fill the member-set cache.
+        """
+        if not hasattr(self.objective, "cross_losses"):
+            raise ValueError("lloyd mode needs an objective with cross_losses (DevObjective)")
+        masks = np.asarray(masks, bool)
+        rows = self.objective.cross_losses(masks)
+        self.evaluations += len(masks)
+        for mask, row in zip(masks, rows, strict=True):
+            self.cache.setdefault(self.key(mask), np.where(mask, row, 0.0).astype(np.float64))
+        return np.asarray(rows, np.float64)
 
     def state(self) -> dict[str, np.ndarray]:
         keys = list(self.cache)
@@ -185,8 +209,10 @@ class D2CClustering:
     """D2C search settings.
 
     Attributes:
-      init: initial assignment, ``kmeans`` (K-Means on parameters) or ``random``.
-      mode: ``best`` (best single move per iteration) or ``sweep`` (Gauss-Seidel).
+      init: initial assignment: ``kmeans`` (K-Means on flattened parameters), ``mbc``
+        (cosine K-Means on SVD features of the sparsified adapters) or ``random``.
+      mode: ``best`` (best single move per iteration), ``sweep`` (Gauss-Seidel) or
+        ``lloyd`` (every task to the cluster whose current merge serves it best).
       max_iters: upper bound on iterations.
       tol: a move must lower J by more than this (in J's units: nats/token for
         ``nll``, probability for ``likelihood``, averaged over tasks).
@@ -206,15 +232,16 @@ class D2CClustering:
     tol: float = 1e-4
     task_loss: str = "nll"
     kmeans: KMeansClustering = KMeansClustering()
+    mbc: MBCClustering = MBCClustering()
     screen_top: int = 0
     screen_sample: int = 16
     screen_min_corr: float = 0.5
 
     def __post_init__(self):
-        if self.init not in ("kmeans", "random"):
-            raise ValueError(f"init must be 'kmeans' or 'random', got {self.init!r}")
-        if self.mode not in ("best", "sweep"):
-            raise ValueError(f"mode must be 'best' or 'sweep', got {self.mode!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.max_iters < 0 or self.tol < 0:
             raise ValueError("max_iters and tol must be non-negative")
         if self.screen_top < 0 or self.screen_sample < 3:
@@ -230,8 +257,8 @@ class D2CClustering:
             raise ValueError("screening (screen_top > 0) needs task_loss='nll'")
 
     def initial_assignment(self, library: AdapterLibrary, k: int, seed: int) -> np.ndarray:
-        method = self.kmeans if self.init == "kmeans" else RandomClustering()
-        return method.fit(library, k, seed).assign
+        method = {"kmeans": self.kmeans, "mbc": self.mbc, "random": RandomClustering()}
+        return method[self.init].fit(library, k, seed).assign
 
     def fit(
         self,
@@ -253,6 +280,8 @@ class D2CClustering:
         cached = objective if isinstance(objective, CachedObjective) else CachedObjective(objective)
         if self.screen_top and not hasattr(cached.objective, "first_order_moves"):
             raise ValueError("screening needs an objective with first_order_moves (DevObjective)")
+        if self.mode == "lloyd" and not hasattr(cached.objective, "cross_losses"):
+            raise ValueError("lloyd mode needs an objective with cross_losses (DevObjective)")
         checkpoint = _SearchCheckpoint(checkpoint_dir) if checkpoint_dir else None
         restored = checkpoint.restore() if checkpoint else None
         if restored is not None:
@@ -348,6 +377,8 @@ class D2CClustering:
         screening record or None). ``after_visit()`` runs after each sweep visit."""
         n = assign.shape[0]
         assign = assign.copy()
+        if self.mode == "lloyd":
+            return (*self._lloyd_step(assign, k, cached), None)
         if self.mode == "best":
             screened = None
             if self.screen_top:
@@ -383,6 +414,37 @@ class D2CClustering:
             if after_visit:
                 after_visit()
         return assign, moves, considered, None
+
+    def _lloyd_step(self, assign, k, cached):
+        """One Lloyd step: score every task under every current merge (K merges, N x K
+        task evaluations) and send each task to the cluster whose merge gives it the
+        lowest loss, keeping it where it is on ties; moves out of a cluster that would
+        be emptied are undone. The step is applied only if it lowers J exactly; if the
+        simultaneous moves do not, the half with the largest per-task gains is tried,
+        down to the single best move. Returns (assign, moves, candidates considered)."""
+        n = assign.shape[0]
+        current = membership_mask(assign, k)
+        cross = cached.cross_losses(current)  # [K, N]
+        tasks = np.arange(n)
+        target = np.where(cross[assign, tasks] <= cross.min(0), assign, cross.argmin(0))
+        while empty := [c for c in range(k) if not (target == c).any()]:
+            for c in empty:
+                target[assign == c] = c
+        gain = cross[assign, tasks] - cross[target, tasks]  # per-task NLL gain, >= 0
+        movers = np.flatnonzero(target != assign)
+        movers = movers[np.argsort(-gain[movers], kind="stable")]
+        j_now = cached.cluster_losses(current, self.task_loss).sum() / n
+        while movers.size:
+            trial = assign.copy()
+            trial[movers] = target[movers]
+            if all((trial == c).any() for c in range(k)):
+                trial_masks = membership_mask(trial, k)
+                dj = cached.cluster_losses(trial_masks, self.task_loss).sum() / n - j_now
+                if dj < -self.tol:
+                    moves = [(int(i), int(assign[i]), int(target[i]), float(dj)) for i in movers]
+                    return trial, moves, n * k
+            movers = movers[: len(movers) // 2]
+        return assign, [], n * k
 
     def _screened_deltas(self, assign, k, cached, seed, iteration):
         """``[N, K]`` changes of J: exact for the screened moves, inf elsewhere (module

@@ -33,7 +33,8 @@ SEARCH_DIR = ".search"
 
 
 def add_parser(subparsers) -> None:
-    from d2c_jax.cluster.d2c import TASK_LOSSES
+    from d2c_jax.cluster import METHODS, D2CClustering
+    from d2c_jax.cluster.d2c import INITS, MODES, TASK_LOSSES
     from d2c_jax.merging import add_merge_arguments
 
     parser = subparsers.add_parser(
@@ -69,17 +70,41 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--budget", required=True, help="K (e.g. 5), a percentage of N (12.5%%) or bytes (4MB)"
     )
-    parser.add_argument("--method", choices=("random", "kmeans", "mbc", "d2c"), default="d2c")
-    parser.add_argument("--init", choices=("kmeans", "random"), default="kmeans")
-    parser.add_argument("--mode", choices=("best", "sweep"), default="best")
-    parser.add_argument("--max-iters", type=int, default=50)
+    # D2C's defaults are `D2CClustering`'s, which `make paper` reports as "d2c".
+    d2c = D2CClustering()
     parser.add_argument(
-        "--tol", type=float, default=1e-4, help="minimum objective improvement of a move"
+        "--method",
+        choices=tuple(METHODS),
+        default="d2c",
+        help="clustering method: random, kmeans (K-Means on dense deltas), mbc (cosine "
+        "K-Means on SVD features), kmerge (online, K-Merge), d2c (data-driven)",
+    )
+    parser.add_argument(
+        "--init",
+        choices=INITS,
+        default=d2c.init,
+        help=f"d2c: initial clustering (default: {d2c.init})",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default=d2c.mode,
+        help="d2c: best (best move per iteration), sweep (each adapter's best move in a "
+        f"seeded order) or lloyd (each task to its best current merge) (default: {d2c.mode})",
+    )
+    parser.add_argument(
+        "--max-iters",
+        type=int,
+        default=d2c.max_iters,
+        help=f"d2c: at most this many iterations (default: {d2c.max_iters})",
+    )
+    parser.add_argument(
+        "--tol", type=float, default=d2c.tol, help="minimum objective improvement of a move"
     )
     parser.add_argument(
         "--task-loss",
         choices=tuple(TASK_LOSSES),
-        default="nll",
+        default=d2c.task_loss,
         help="d2c: per-task loss the objective averages: nll (mean dev NLL, D2C as "
         "defined) or likelihood (1 - exp(-nll), bounded: a broken task cannot outweigh "
         "working ones)",
@@ -196,10 +221,10 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax import tasks as task_suite
     from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
     from d2c_jax.cluster.output import save_clusters
+    from d2c_jax.examples import read_examples
     from d2c_jax.library import AdapterLibrary, embedded_library_dir
     from d2c_jax.merging import DEFAULT_MERGE, merge_config_from_args
     from d2c_jax.models import load_base
-    from d2c_jax.scoring import read_examples
 
     # Without --density, sparsifying merges use the engine default (the TIES paper's).
     merge_config = merge_config_from_args(args, default_density=DEFAULT_MERGE.density)

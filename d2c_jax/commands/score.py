@@ -32,8 +32,8 @@ def load_base_and_adapter(args: argparse.Namespace):
     """(base, adapter params or None, scale) from --base / --adapter / --dtype."""
     import jax.numpy as jnp
 
+    from d2c_jax.adapters import check_adapter_for_base
     from d2c_jax.models import load_base
-    from d2c_jax.scoring import check_adapter_for_base
 
     base = load_base(args.base, dtype=jnp.dtype(args.dtype))
     if not args.adapter:
@@ -76,7 +76,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from d2c_jax.scoring import encode_examples, read_examples, score_examples
+    from d2c_jax.examples import encode_examples, read_examples
+    from d2c_jax.scoring import score_examples
 
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
