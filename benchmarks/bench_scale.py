@@ -388,8 +388,9 @@ def scoring_roofline(repeat: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from d2c_jax.examples import EncodedExamples
     from d2c_jax.models import LlamaConfig, LlamaForCausalLM, init_weights
-    from d2c_jax.scoring import EncodedExamples, score_candidates
+    from d2c_jax.scoring import score_candidates
 
     config = LlamaConfig(
         vocab_size=49152,

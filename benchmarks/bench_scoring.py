@@ -376,14 +376,10 @@ def main(argv=None) -> int:
     from scipy.stats import spearmanr
 
     from d2c_jax import merging
+    from d2c_jax.examples import encode_examples
     from d2c_jax.models import load_base
-    from d2c_jax.scoring import (
-        encode_examples,
-        example_nll,
-        pack_examples,
-        score_candidates,
-        task_mean_nll,
-    )
+    from d2c_jax.packing import pack_examples
+    from d2c_jax.scoring import example_nll, score_candidates, task_mean_nll
     from d2c_jax.tasks import list_tasks, load_split
 
     load_start = [os.getloadavg()[0]]

@@ -8,7 +8,7 @@ The peer works on the engine's own inputs so that only the implementation differ
 the base model is the engine's weights written as a Hugging Face directory
 (`causal_lm`), adapters are PEFT directories (the library's own, or
 `save_adapters` for an in-memory one), and examples are the engine's encoded bank
-(`d2c_jax.scoring.EncodedExamples`: the same tokens and label mask, so the same
+(`d2c_jax.examples.EncodedExamples`: the same tokens and label mask, so the same
 scoring contract: an example's NLL is the mean over its label tokens). What the
 peer does its own way, as a PEFT user would:
 

@@ -1,35 +1,18 @@
-"""Examples, losses, batched candidate scoring and generation on a base model.
+"""Candidate scoring: per-example NLL of encoded examples under base + adapter(s).
 
-Example contract (``docs/ARCHITECTURE.md``)
--------------------------------------------
-Examples are JSONL lines ``{"prompt": str, "target": str}`` (other keys, e.g.
-``"task"``, are kept and ignored here). An example's tokens are
-``tokenizer(prompt, add_special_tokens=True) + tokenizer(target,
-add_special_tokens=False) + [eos_id]``; with the tokenizers of `load_base` the first
-part starts with a document-start token (``<|endoftext|>`` for SmolLM2, see
-`d2c_jax.models`). Its loss is the mean NLL of the target tokens and the eos.
-Sequences are right-padded to a length bucket (a multiple of `bucket`); padding never
-changes a loss because no real token attends to a later position and padded labels
-are masked.
+The loss contract is in `d2c_jax.examples` (mean NLL of target tokens and eos). This
+module computes it: for one adapter (`example_nll`, pure and differentiable, the
+trainer's loss; `score_examples` for many examples, ``d2c score``) and for many
+candidate adapters at once (`candidate_nll`, the vmapped kernel; `score_candidates`,
+its chunked, sharded driver used by the D2C objective).
 
-``loss_mask[m, t] = 1`` iff token ``t`` of example ``m`` is a label (target or eos);
-it is predicted from position ``t - 1``.
-
-Functions
----------
-* `read_examples(path)`: JSONL -> list of dicts, errors name the line.
-* `encode_examples(tokenizer_or_base, examples)` -> `EncodedExamples`.
-* `example_nll(base, adapter, scale, tokens, loss_mask)` -> ``[M]``: one adapter,
-  pure, jittable, differentiable w.r.t. the adapter (the trainer's loss).
-* `candidate_nll(...)`: the vmapped kernel, C candidates x their own examples.
-* `score_candidates(base, candidates, bank, example_idx, ...)`: the chunked driver
-  (memory bound set by the caller) -> ``[C, M]`` per-example NLL; `task_mean_nll`
-  reduces it per task. By default each candidate's examples are packed several to a
-  row (`pack_examples`, `packed_nll`: segment-causal attention and restarted RoPE
-  positions, so the result is exact) because dev examples are short.
-* `score_examples(base, adapter, encoded)`: many examples, one adapter (``d2c score``).
-* `generate(base, adapter, prompts, max_new_tokens, chat_template)`: batched greedy
-  decoding with a KV cache.
+Shapes: one adapter ``{module: {"A": [L, r, d_in], "B": [L, d_out, r]}}`` or
+``{module: {"delta": [L, d_out, d_in]}}``; candidates add a leading ``C``;
+``tokens, loss_mask [M, T]`` (``[C, M, T]`` per candidate); results ``[M]`` or
+``[C, M]`` float32. By default each candidate's examples are packed several to a row
+(`d2c_jax.packing`; `packed_nll` runs them with segment-causal attention and
+restarted RoPE positions, so the result is exact) because dev examples are short.
+`task_mean_nll` reduces ``[C, M]`` to ``[C, num_tasks]``.
 
 Training step with the base frozen::
 
@@ -47,226 +30,22 @@ jit argument both work; only the adapter is differentiated.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from d2c_jax import sharding
-from d2c_jax.models.llama import check_adapter, forward_hidden, logits_from_hidden, rms_norm
+from d2c_jax.adapters import as_single_adapter, is_dense, num_stacked
+from d2c_jax.examples import DEFAULT_BUCKET, EncodedExamples, round_up
+from d2c_jax.models.llama import check_adapter, forward_hidden, rms_norm
+from d2c_jax.packing import pack_examples
 from kernels.loss import DEFAULT_VOCAB_CHUNK, masked_example_nll, packed_example_nll
 
-DEFAULT_BUCKET = 16
 DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # 1 GiB of activations per jitted scoring call
-
-
-class ExampleError(ValueError):
-    """Invalid example input (malformed JSONL, empty target, too long for the context)."""
-
-
-# ------------------------------------------------------------------ examples
-
-
-def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read ``{"prompt": str, "target": str}`` JSONL; blank lines are skipped.
-
-    Each returned dict also carries ``"_line"`` (1-based line number) so later errors
-    (e.g. too long for the context) can point at the file. Raises FileNotFoundError,
-    or ExampleError naming ``path:line`` for malformed JSON, a line that is not an
-    object, a missing or non-string prompt/target, or an empty target.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"examples file {str(path)!r} not found")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ExampleError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
-            try:
-                validate_example(obj)
-            except ExampleError as err:
-                raise ExampleError(f"{path}:{lineno}: {err}") from None
-            examples.append({**obj, "_line": lineno})
-    if not examples:
-        raise ExampleError(f"{path}: no examples")
-    return examples
-
-
-def validate_example(obj: Any) -> None:
-    """Raise ExampleError unless `obj` is ``{"prompt": str, "target": non-empty str}``."""
-    if not isinstance(obj, Mapping):
-        raise ExampleError(
-            f"expected a JSON object with prompt and target, got {type(obj).__name__}"
-        )
-    for key in ("prompt", "target"):
-        if key not in obj:
-            raise ExampleError(f"missing {key!r}")
-        if not isinstance(obj[key], str):
-            raise ExampleError(f"{key!r} must be a string, got {type(obj[key]).__name__}")
-    if not obj["target"].strip():
-        raise ExampleError("empty target")
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodedExamples:
-    """Right-padded token batch (NumPy).
-
-    Attributes:
-      tokens: ``[M, T]`` int32, right-padded; T is a multiple of the bucket.
-      loss_mask: ``[M, T]`` float32, 1 on label tokens (target + eos).
-      lengths: ``[M]`` int32 real lengths (computed from the mask if omitted).
-      task_ids: ``[M]`` int32 or None (filled by `encode_examples` from a task key).
-      task_names: names of the task ids, or None.
-    """
-
-    tokens: np.ndarray
-    loss_mask: np.ndarray
-    lengths: np.ndarray | None = None
-    task_ids: np.ndarray | None = None
-    task_names: tuple[str, ...] | None = None
-
-    def __post_init__(self):
-        if self.tokens.shape != self.loss_mask.shape:
-            raise ValueError(
-                f"tokens {self.tokens.shape} and loss_mask {self.loss_mask.shape} differ"
-            )
-        if self.lengths is None:
-            m, t = self.loss_mask.shape
-            last = t - 1 - np.argmax(np.asarray(self.loss_mask)[:, ::-1] > 0, axis=1)
-            object.__setattr__(self, "lengths", (last + 1).astype(np.int32))
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.tokens.shape[0])
-
-    @property
-    def num_labels(self) -> np.ndarray:
-        return np.asarray(self.loss_mask).sum(axis=1).astype(np.int32)
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def subset(self, indices) -> EncodedExamples:
-        idx = np.asarray(indices)
-        return EncodedExamples(
-            tokens=self.tokens[idx],
-            loss_mask=self.loss_mask[idx],
-            lengths=self.lengths[idx],
-            task_ids=None if self.task_ids is None else self.task_ids[idx],
-            task_names=self.task_names,
-        )
-
-
-def round_up(n: int, bucket: int) -> int:
-    return max(bucket, int(math.ceil(n / bucket)) * bucket)
-
-
-def _tokenizer_and_context(tokenizer_or_base, max_length):
-    tokenizer = getattr(tokenizer_or_base, "tokenizer", tokenizer_or_base)
-    config = getattr(tokenizer_or_base, "config", None)
-    if max_length is None and config is not None:
-        max_length = config.max_position_embeddings
-    return tokenizer, max_length
-
-
-def encode_examples(
-    tokenizer_or_base,
-    examples: Sequence[Mapping[str, Any]],
-    *,
-    max_length: int | None = None,
-    bucket: int = DEFAULT_BUCKET,
-    pad_to: int | None = None,
-    task_key: str | None = "task",
-) -> EncodedExamples:
-    """Tokenize examples per the contract and right-pad them to a length bucket.
-
-    Args:
-      tokenizer_or_base: a tokenizer, or a `BaseModel` (then `max_length` defaults to
-        the model's context length).
-      examples: dicts with ``prompt`` and ``target`` (see `read_examples`).
-      max_length: context length; longer examples raise ExampleError.
-      bucket: T is rounded up to a multiple of this (fewer recompiles).
-      pad_to: pad to exactly this T instead (must fit every example).
-      task_key: if every example has this key, ``task_ids`` / ``task_names`` are set
-        (ids in order of first appearance).
-    """
-    tokenizer, max_length = _tokenizer_and_context(tokenizer_or_base, max_length)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("the tokenizer has no eos token")
-    if not examples:
-        raise ExampleError("no examples to encode")
-
-    def where(i):
-        line = examples[i].get("_line") if isinstance(examples[i], Mapping) else None
-        return f"example {i}" + (f" (line {line})" if line is not None else "")
-
-    for i, ex in enumerate(examples):
-        try:
-            validate_example(ex)
-        except ExampleError as err:
-            raise ExampleError(f"{where(i)}: {err}") from None
-    prompts = tokenizer([ex["prompt"] for ex in examples], add_special_tokens=True)["input_ids"]
-    targets = tokenizer([ex["target"] for ex in examples], add_special_tokens=False)["input_ids"]
-    seqs, masks = [], []
-    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
-        if not p:
-            raise ExampleError(
-                f"{where(i)}: empty prompt and the tokenizer adds no start token, so the first "
-                "target token would have no context"
-            )
-        if not t:
-            raise ExampleError(f"{where(i)}: empty target")
-        seq = list(p) + list(t) + [eos]
-        if max_length is not None and len(seq) > max_length:
-            raise ExampleError(
-                f"{where(i)}: {len(seq)} tokens (prompt {len(p)}, target {len(t)}, eos 1) are "
-                f"longer than the model's context of {max_length} tokens"
-            )
-        seqs.append(seq)
-        masks.append([0] * len(p) + [1] * (len(t) + 1))
-    longest = max(map(len, seqs))
-    t_len = round_up(longest, bucket) if pad_to is None else pad_to
-    if t_len < longest:
-        raise ExampleError(
-            f"pad_to={pad_to} is shorter than the longest example ({longest} tokens)"
-        )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tokens = np.full((len(seqs), t_len), pad, np.int32)
-    loss_mask = np.zeros((len(seqs), t_len), np.float32)
-    for i, (seq, mask) in enumerate(zip(seqs, masks, strict=True)):
-        tokens[i, : len(seq)] = seq
-        loss_mask[i, : len(mask)] = mask
-    task_ids = task_names = None
-    if task_key and all(task_key in ex for ex in examples):
-        names: dict[str, int] = {}
-        task_ids = np.asarray(
-            [names.setdefault(str(ex[task_key]), len(names)) for ex in examples], np.int32
-        )
-        task_names = tuple(names)
-    return EncodedExamples(
-        tokens=tokens,
-        loss_mask=loss_mask,
-        lengths=np.asarray([len(s) for s in seqs], np.int32),
-        task_ids=task_ids,
-        task_names=task_names,
-    )
-
-
-# ------------------------------------------------------------------ losses
 
 
 def _final_norm(model):
@@ -346,88 +125,6 @@ def _candidate_nll_jit(base, candidates, scale, tokens, loss_mask, *, max_labels
     )
 
 
-# ------------------------------------------------------------------ packing
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedBatch:
-    """Examples packed several to a row (NumPy, leading axes ``[..., R, T]``).
-
-    ``segments`` numbers the examples within a row from 1 (0 = padding); attention is
-    causal within a segment only and RoPE ``positions`` restart at each segment, so a
-    packed example computes exactly what it computes alone. ``slots`` maps each token
-    to its example's column in the ``[..., M]`` result.
-    """
-
-    tokens: np.ndarray
-    segments: np.ndarray
-    positions: np.ndarray
-    loss_mask: np.ndarray
-    slots: np.ndarray
-    num_examples: int
-    max_labels: int
-    real_tokens: int
-
-
-def pack_rows(lengths: Sequence[int], row_len: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """First-fit-decreasing bin packing: ``(row, start, num_rows)`` of each sequence."""
-    lengths = np.asarray(lengths, np.int64)
-    if lengths.size and lengths.max() > row_len:
-        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit rows of {row_len}")
-    row = np.zeros(len(lengths), np.int64)
-    start = np.zeros(len(lengths), np.int64)
-    free: list[int] = []
-    for i in np.argsort(-lengths, kind="stable"):
-        n = int(lengths[i])
-        r = next((r for r, cap in enumerate(free) if cap >= n), len(free))
-        if r == len(free):
-            free.append(row_len)
-        row[i], start[i] = r, row_len - free[r]
-        free[r] -= n
-    return row, start, len(free)
-
-
-def pack_examples(
-    bank: EncodedExamples,
-    example_idx: np.ndarray,
-    example_valid: np.ndarray,
-    row_len: int,
-    bucket: int = DEFAULT_BUCKET,
-) -> PackedBatch:
-    """Pack each candidate's valid examples (rows of ``example_idx [C, M]``) into rows
-    of `row_len` tokens; every candidate gets the same (largest) row count R."""
-    c, m = example_idx.shape
-    plans = []
-    for k in range(c):
-        cols = np.flatnonzero(example_valid[k])
-        lengths = bank.lengths[example_idx[k, cols]]
-        plans.append((cols, *pack_rows(lengths, row_len)))
-    n_rows = max(1, max(p[3] for p in plans))
-    shape = (c, n_rows, row_len)
-    pad = int(bank.tokens[0, -1])
-    tokens = np.full(shape, pad, np.int32)
-    segments = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32)
-    loss_mask = np.zeros(shape, np.float32)
-    slots = np.full(shape, m, np.int32)
-    seg_count = np.zeros((c, n_rows), np.int32)
-    labels_per_row = np.zeros((c, n_rows), np.int64)
-    for k, (cols, rows, starts, _) in enumerate(plans):
-        for col, r, s0 in zip(cols, rows, starts, strict=True):
-            e = example_idx[k, col]
-            n = int(bank.lengths[e])
-            seg_count[k, r] += 1
-            tokens[k, r, s0 : s0 + n] = bank.tokens[e, :n]
-            segments[k, r, s0 : s0 + n] = seg_count[k, r]
-            positions[k, r, s0 : s0 + n] = np.arange(n)
-            loss_mask[k, r, s0 : s0 + n] = bank.loss_mask[e, :n]
-            slots[k, r, s0 : s0 + n] = col
-            labels_per_row[k, r] += int(bank.loss_mask[e, :n].sum())
-    max_labels = min(round_up(int(labels_per_row.max()), bucket), row_len - 1)
-    real = int(bank.lengths[example_idx][example_valid].sum())
-    return PackedBatch(tokens, segments, positions, loss_mask, slots, m, max_labels, real)
-
-
 def packed_nll(
     base,
     adapter,
@@ -495,14 +192,6 @@ def _packed_candidate_nll_jit(
     return jax.vmap(fn)(candidates, scale, tokens, segments, positions, loss_mask, slots)
 
 
-def _leading(tree) -> int:
-    return int(jax.tree.leaves(tree)[0].shape[0])
-
-
-def is_dense(candidates: Mapping[str, Mapping[str, Any]]) -> bool:
-    return all("delta" in v for v in candidates.values())
-
-
 def activation_bytes_per_candidate(
     config,
     num_examples: int,
@@ -532,7 +221,7 @@ def activation_bytes_per_candidate(
 
 def candidate_param_bytes(candidates, per_candidate: bool = True) -> int:
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(candidates))
-    return total // max(1, _leading(candidates)) if per_candidate else total
+    return total // max(1, num_stacked(candidates)) if per_candidate else total
 
 
 def score_candidates(
@@ -584,7 +273,7 @@ def score_candidates(
     """
     check_adapter(base.config, candidates)
     dense = is_dense(candidates)
-    n_cand = _leading(candidates)
+    n_cand = num_stacked(candidates)
     example_idx = np.asarray(example_idx, np.int64)
     if example_idx.ndim != 2 or example_idx.shape[0] != n_cand:
         raise ValueError(f"example_idx must be [C={n_cand}, M], got {example_idx.shape}")
@@ -748,199 +437,3 @@ def task_mean_nll(
     counts = onehot.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / counts, np.nan)
-
-
-# ------------------------------------------------------------------ adapters
-
-
-def as_single_adapter(adapter, scale=None):
-    """Normalise an adapter argument to ``(params or None, scale)``.
-
-    Accepts None; a factor dict ``{module: {"A": [L, r, d_in], "B": [L, d_out, r]}}``
-    with `scale` (required); a dense dict ``{module: {"delta": [L, d_out, d_in]}}``; a
-    ``(params, scale)`` tuple; or an object with ``params`` (leading axis of 1, e.g. an
-    `AdapterLibrary` of one adapter) and ``scale``.
-    """
-    if adapter is None:
-        return None, 1.0
-    if isinstance(adapter, tuple) and len(adapter) == 2:
-        adapter, scale = adapter
-    if hasattr(adapter, "params") and hasattr(adapter, "scale"):
-        n = _leading(adapter.params)
-        if n != 1:
-            raise ValueError(f"expected a single adapter, got a library of {n}")
-        return jax.tree.map(lambda x: x[0], adapter.params), float(np.asarray(adapter.scale)[0])
-    if is_dense(adapter):
-        return adapter, 1.0
-    if scale is None:
-        raise ValueError("a factor-form adapter needs its scale (alpha / r)")
-    return adapter, scale
-
-
-def check_adapter_for_base(base, library) -> None:
-    """Raise ValueError if an adapter library was made for another base model.
-
-    Shapes (layers, d_in, d_out of every module) must match; and if the library records
-    a ``base_model`` it must name the same model as ``base.name`` or ``base.source``
-    (compared by the last path component, case-insensitive, so a local copy of the same
-    repo matches).
-    """
-    recorded = getattr(library, "base_model", None)
-    if recorded and base.name:
-        norm = lambda s: Path(str(s).rstrip("/")).name.lower().removesuffix(".gguf")
-        if norm(recorded) not in {norm(base.name), norm(base.source)}:
-            raise ValueError(
-                f"the adapter was trained for base model {recorded!r}, but the base model is "
-                f"{base.name!r} ({base.source})"
-            )
-    try:
-        check_adapter(base.config, library.params)
-    except ValueError as err:
-        raise ValueError(f"the adapter does not fit base model {base.name!r}: {err}") from None
-
-
-# ------------------------------------------------------------------ generation
-
-
-def _stop_ids(tokenizer) -> tuple[int, ...]:
-    ids = {int(tokenizer.eos_token_id)}
-    end = tokenizer.get_vocab().get("<|endoftext|>")
-    if end is not None:
-        ids.add(int(end))
-    return tuple(sorted(ids))
-
-
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "stop_ids"))
-def _generate_tokens(base, adapter, scale, tokens, valid, *, max_new_tokens, stop_ids):
-    """Greedy decoding of left-padded prompts ``tokens [B, P]`` (``valid`` marks real
-    tokens) with a KV cache; returns ``[B, max_new_tokens]`` (stop id repeated after a
-    stop)."""
-    model = getattr(base, "model", base)
-    c = model.config
-    b, p = tokens.shape
-    s = p + max_new_tokens
-    dtype = model.embed[...].dtype
-    cache_shape = (c.num_layers, b, s, c.num_kv_heads, c.head_dim)
-    cache = (jnp.zeros(cache_shape, dtype), jnp.zeros(cache_shape, dtype))
-    key_valid = jnp.concatenate([valid, jnp.ones((b, max_new_tokens), bool)], axis=1)
-    slots = jnp.arange(s)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
-    hidden, cache = forward_hidden(
-        model,
-        tokens,
-        adapter=adapter,
-        scale=scale,
-        positions=positions,
-        mask=mask,
-        cache=cache,
-        cache_index=0,
-    )
-    first = jnp.argmax(logits_from_hidden(model, hidden[:, -1]), axis=-1).astype(jnp.int32)
-    n_valid = valid.sum(axis=1).astype(jnp.int32)
-    stops = jnp.asarray(stop_ids, jnp.int32)
-    out = jnp.full((b, max_new_tokens), stop_ids[0], jnp.int32)
-
-    def cond(state):
-        step, _, _, done, _ = state
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(state):
-        step, cache, nxt, done, out = state
-        out = out.at[:, step].set(jnp.where(done, stop_ids[0], nxt))
-        done = done | jnp.isin(nxt, stops)
-        slot = p + step
-        step_mask = key_valid[:, None, :] & (slots <= slot)[None, None, :]
-        h, cache = forward_hidden(
-            model,
-            nxt[:, None],
-            adapter=adapter,
-            scale=scale,
-            positions=(n_valid + step)[:, None],
-            mask=step_mask,
-            cache=cache,
-            cache_index=slot,
-        )
-        nxt = jnp.argmax(logits_from_hidden(model, h[:, 0]), axis=-1).astype(jnp.int32)
-        return step + 1, cache, nxt, done, out
-
-    state = (jnp.asarray(0, jnp.int32), cache, first, jnp.zeros((b,), bool), out)
-    *_, out = jax.lax.while_loop(cond, body, state)
-    return out
-
-
-def generate(
-    base,
-    adapter,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    chat_template: bool = True,
-    *,
-    scale: float | None = None,
-    batch_size: int = 16,
-    bucket: int = DEFAULT_BUCKET,
-) -> list[str]:
-    """Batched greedy generation with a KV cache; stops at eos (or ``<|endoftext|>``).
-
-    Args:
-      base: `BaseModel`.
-      adapter: None, or an adapter as accepted by `as_single_adapter` (factor form
-        needs `scale`).
-      prompts: user messages (``chat_template=True``: wrapped as one user turn with
-        the tokenizer's chat template and tokenized without special tokens) or raw
-        text (``chat_template=False``: tokenized with ``add_special_tokens=True``).
-      max_new_tokens: generation length limit.
-      batch_size: prompts per jitted call (prompts are left-padded to a bucket).
-
-    Returns the decoded continuations (special tokens skipped; not stripped).
-    """
-    params, scale = as_single_adapter(adapter, scale)
-    if params is not None:
-        check_adapter(base.config, params)
-    tok = base.tokenizer
-    if chat_template:
-        texts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
-        ids = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
-    else:
-        ids = tok(list(prompts), add_special_tokens=True)["input_ids"] if prompts else []
-    stop_ids = _stop_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop_ids[0]
-    results: list[str] = []
-    for lo in range(0, len(ids), batch_size):
-        group = ids[lo : lo + batch_size]
-        longest = max(len(x) for x in group)
-        if longest + max_new_tokens > base.config.max_position_embeddings:
-            raise ValueError(
-                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceed the context "
-                f"of {base.config.max_position_embeddings}"
-            )
-        p_len = round_up(longest, bucket)
-        rows = len(group)
-        b = batch_size if len(ids) > batch_size else rows  # fixed batch shape across groups
-        tokens = np.full((b, p_len), pad, np.int32)
-        valid = np.zeros((b, p_len), bool)
-        for i in range(b):
-            x = group[min(i, rows - 1)]
-            tokens[i, p_len - len(x) :] = x
-            valid[i, p_len - len(x) :] = True
-        out = np.asarray(
-            _generate_tokens(
-                base,
-                params,
-                jnp.asarray(scale, jnp.float32),
-                tokens,
-                valid,
-                max_new_tokens=max_new_tokens,
-                stop_ids=stop_ids,
-            )
-        )
-        for row in out[:rows]:
-            row = list(row)
-            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
-            results.append(tok.decode(row[:cut], skip_special_tokens=True))
-    return results

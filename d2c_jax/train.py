@@ -39,8 +39,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from d2c_jax.examples import EncodedExamples, encode_examples
 from d2c_jax.library import LoraParams, save_peft_adapter
-from d2c_jax.scoring import EncodedExamples, encode_examples, example_nll
+from d2c_jax.scoring import example_nll
 
 TRAIN_RECORD_NAME = "train_record.json"
 CHECKPOINT_DIR_NAME = ".checkpoints"

@@ -17,6 +17,8 @@ Fixtures (use them in any test module, no import needed):
   ``[L, ...]`` or stacked ``[n, L, ...]``); B is non-zero so the adapter changes
   the outputs.
 * ``tiny_examples``: 12 prompt/target dicts over 3 tasks (``"task"`` key).
+* ``write_jsonl``: ``write_jsonl(path, rows) -> path`` writes JSONL (dict rows are
+  dumped, string rows written as they are, e.g. a malformed line).
 * ``tiny_hf_dir`` (session): the ``tiny_base`` written as a Hugging Face directory
   (``config.json``, ``model.safetensors``, ``tokenizer.json``), loadable by
   ``load_base(str(path))`` and by transformers.
@@ -29,6 +31,7 @@ Fixtures (use them in any test module, no import needed):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +193,17 @@ def tiny_examples():
         for task, pairs in TINY_TASKS.items()
         for p, t in pairs
     ]
+
+
+@pytest.fixture
+def write_jsonl():
+    """``write_jsonl(path, rows) -> path``: rows are dicts (dumped) or raw lines."""
+
+    def write(path, rows):
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

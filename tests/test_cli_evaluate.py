@@ -16,9 +16,9 @@ import pytest
 from d2c_jax.cli import main
 from d2c_jax.cluster.output import load_clusters, save_clusters, task_adapters
 from d2c_jax.evaluate import normalize
+from d2c_jax.generation import generate
 from d2c_jax.library import AdapterLibrary
 from d2c_jax.merging import DEFAULT_MERGE
-from d2c_jax.scoring import generate
 from tests.conftest import save_random_library
 
 TASKS = ("alpha", "beta", "delta", "gamma")  # sorted: the library orders by name

@@ -11,9 +11,11 @@ import pytest
 from d2c_jax import merging
 from d2c_jax.cluster import D2CClustering, KMeansClustering, membership_mask
 from d2c_jax.cluster.objective import SIMILAR_WORK, DevObjective, ObjectiveConfig
+from d2c_jax.examples import encode_examples
+from d2c_jax.generation import generate
 from d2c_jax.library import AdapterLibrary
 from d2c_jax.models import BaseModel, LlamaForCausalLM
-from d2c_jax.scoring import encode_examples, example_nll, generate
+from d2c_jax.scoring import example_nll
 from kernels.merge import MergeConfig
 
 TIES = MergeConfig(method="ties", space="delta", density=0.5)

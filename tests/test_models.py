@@ -284,7 +284,7 @@ def test_real_model_matches_transformers(real_base, tmp_path):
 
 @pytest.mark.slow
 def test_real_model_answers_paris(real_base):
-    from d2c_jax.scoring import generate
+    from d2c_jax.generation import generate
 
     out = generate(
         real_base,

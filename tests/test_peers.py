@@ -19,7 +19,8 @@ pytest.importorskip("peft")
 
 from benchmarks import peers  # noqa: E402
 from d2c_jax import merging  # noqa: E402
-from d2c_jax.scoring import encode_examples, score_examples  # noqa: E402
+from d2c_jax.examples import encode_examples  # noqa: E402
+from d2c_jax.scoring import score_examples  # noqa: E402
 from kernels.merge import MergeConfig  # noqa: E402
 from tests.conftest import random_lora  # noqa: E402
 

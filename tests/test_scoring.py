@@ -1,25 +1,19 @@
-"""Examples, losses, candidate scoring, generation and the `score` / `generate` CLI."""
+"""`d2c_jax.scoring`: losses, candidate scoring, parity with transformers + PEFT, and
+the `score` CLI."""
 
 from __future__ import annotations
 
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from d2c_jax.cli import main as cli_main
-from d2c_jax.models import forward_hidden, logits_from_hidden
+from d2c_jax.examples import encode_examples
 from d2c_jax.scoring import (
-    EncodedExamples,
-    ExampleError,
     candidate_nll,
-    check_adapter_for_base,
-    encode_examples,
     example_nll,
-    generate,
-    read_examples,
     score_candidates,
     score_examples,
     task_mean_nll,
@@ -31,75 +25,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-# ------------------------------------------------------------------ reading / encoding
-
-
-def test_read_examples_ok(tmp_path):
-    path = write_jsonl(
-        tmp_path / "ex.jsonl",
-        [{"prompt": "a", "target": "b", "task": "t"}, "", {"prompt": "", "target": "c"}],
-    )
-    ex = read_examples(path)
-    assert [(e["prompt"], e["target"], e["_line"]) for e in ex] == [("a", "b", 1), ("", "c", 3)]
-
-
-@pytest.mark.parametrize(
-    "bad, message",
-    [
-        ('{"prompt": "a", "target": "b"', "ex.jsonl:2: malformed JSON"),
-        ('["a", "b"]', "ex.jsonl:2: expected a JSON object"),
-        ('{"prompt": "a"}', "ex.jsonl:2: missing 'target'"),
-        ('{"prompt": "a", "target": 3}', "ex.jsonl:2: 'target' must be a string"),
-        ('{"prompt": "a", "target": "  "}', "ex.jsonl:2: empty target"),
-    ],
-)
-def test_read_examples_errors(tmp_path, bad, message):
-    path = write_jsonl(tmp_path / "ex.jsonl", [{"prompt": "x", "target": "y"}, bad])
-    with pytest.raises(ExampleError, match=message):
-        read_examples(path)
-
-
-def test_read_examples_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        read_examples(tmp_path / "nope.jsonl")
-
-
-def test_encode_follows_the_contract(tiny_base, tiny_examples):
-    tok = tiny_base.tokenizer
-    enc = encode_examples(tiny_base, tiny_examples)
-    assert enc.tokens.dtype == np.int32 and enc.tokens.shape[1] % 16 == 0
-    assert enc.task_names == ("upper", "reverse", "count")
-    np.testing.assert_array_equal(enc.task_ids, np.repeat([0, 1, 2], 4))
-    for i, ex in enumerate(tiny_examples):
-        prompt = tok(ex["prompt"], add_special_tokens=True)["input_ids"]
-        target = tok(ex["target"], add_special_tokens=False)["input_ids"]
-        assert prompt[0] == 0  # document start
-        seq = prompt + target + [tok.eos_token_id]
-        n = len(seq)
-        assert enc.lengths[i] == n
-        np.testing.assert_array_equal(enc.tokens[i, :n], seq)
-        want_mask = [0] * len(prompt) + [1] * (n - len(prompt))
-        np.testing.assert_array_equal(enc.loss_mask[i, :n], want_mask)
-        assert not enc.loss_mask[i, n:].any()
-
-
-def test_encode_errors(tiny_base):
-    with pytest.raises(ExampleError, match="example 1 .line 7.: empty target"):
-        encode_examples(
-            tiny_base, [{"prompt": "a", "target": "b"}, {"prompt": "a", "target": "", "_line": 7}]
-        )
-    long = {"prompt": "x" * 300, "target": "y", "_line": 3}
-    with pytest.raises(ExampleError, match=r"example 0 \(line 3\): 303 tokens .* context of 256"):
-        encode_examples(tiny_base, [long])
-    with pytest.raises(ExampleError, match="context of 10"):
-        encode_examples(
-            tiny_base.tokenizer, [{"prompt": "abcdefghij", "target": "k"}], max_length=10
-        )
+# ------------------------------------------------------------------ losses
 
 
 def test_padding_never_changes_a_loss(tiny_base, tiny_examples, make_lora):
@@ -280,60 +206,6 @@ def test_score_examples_matches_example_nll(tiny_base, tiny_examples, make_lora)
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_adapter_for_another_base(tiny_base, make_lora, make_tiny_config):
-    class Lib:
-        params = make_lora(tiny_base.config, n=1)
-        base_model = "someone/other-model"
-
-    with pytest.raises(ValueError, match="trained for base model 'someone/other-model'"):
-        check_adapter_for_base(tiny_base, Lib)
-    Lib.base_model = "org/TINY-LLAMA"  # same repo name, case-insensitive
-    check_adapter_for_base(tiny_base, Lib)
-    Lib.params = make_lora(make_tiny_config(hidden_size=32, head_dim=8), n=1)
-    with pytest.raises(ValueError, match="does not fit"):
-        check_adapter_for_base(tiny_base, Lib)
-
-
-# ------------------------------------------------------------------ generation
-
-
-@jax.jit
-def _last_logits(base, adapter, scale, tokens, length):
-    h, _ = forward_hidden(base, tokens, adapter=adapter, scale=scale)
-    return logits_from_hidden(base, h[0, length - 1])
-
-
-def greedy_without_cache(base, adapter, scale, ids, steps, width=64):
-    """Reference greedy decoding: a full forward per step on a right-padded buffer."""
-    buf = np.zeros((1, width), np.int32)
-    buf[0, : len(ids)] = ids
-    n, out = len(ids), []
-    for _ in range(steps):
-        nxt = int(jnp.argmax(_last_logits(base, adapter, scale, buf, n)))
-        out.append(nxt)
-        buf[0, n] = nxt
-        n += 1
-    return out
-
-
-def test_generation_with_kv_cache_matches_plain_greedy(tiny_base, make_lora):
-    tok = tiny_base.tokenizer
-    lora = make_lora(tiny_base.config, seed=3)
-    prompts = ["hi", "a much longer prompt here", "mid size"]
-    for adapter in (None, lora):
-        outs = generate(
-            tiny_base, adapter, prompts, max_new_tokens=6, chat_template=False, scale=2.0
-        )
-        for prompt, out in zip(prompts, outs, strict=True):
-            ref = greedy_without_cache(tiny_base, adapter, 2.0, tok(prompt)["input_ids"], 6)
-            stops = {tok.eos_token_id, 0}
-            cut = next((i for i, t in enumerate(ref) if t in stops), len(ref))
-            assert out == tok.decode(ref[:cut], skip_special_tokens=True)
-    # batching in several groups gives the same as one group
-    again = generate(tiny_base, None, prompts, max_new_tokens=6, chat_template=True, batch_size=2)
-    assert again == generate(tiny_base, None, prompts, max_new_tokens=6, chat_template=True)
-
-
 # ------------------------------------------------------------------ CLI
 
 
@@ -346,7 +218,7 @@ def peft_dir(tmp_path, tiny_hf_dir):
 
 
 def test_cli_score_matches_transformers_peft(
-    tmp_path, tiny_base, tiny_hf_dir, tiny_examples, peft_dir, capsys
+    tmp_path, tiny_base, tiny_hf_dir, tiny_examples, peft_dir, capsys, write_jsonl
 ):
     model, adapter_dir = peft_dir
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -380,7 +252,7 @@ def test_cli_score_matches_transformers_peft(
     assert printed["mean_nll"] != pytest.approx(result["mean_nll"])
 
 
-def test_cli_errors(tmp_path, tiny_hf_dir, tiny_examples, peft_dir, capsys):
+def test_cli_errors(tmp_path, tiny_hf_dir, tiny_examples, peft_dir, capsys, write_jsonl):
     good = write_jsonl(tmp_path / "good.jsonl", tiny_examples[:2])
     bad = write_jsonl(tmp_path / "bad.jsonl", [tiny_examples[0], '{"prompt": "x", "target": '])
     cases = [
@@ -403,26 +275,6 @@ def test_cli_errors(tmp_path, tiny_hf_dir, tiny_examples, peft_dir, capsys):
     for args, message in cases:
         assert cli_main(["score", *args]) == 2
         assert message in capsys.readouterr().err
-
-
-def test_cli_generate(tiny_hf_dir, capsys):
-    code = cli_main(
-        [
-            "generate",
-            "--base",
-            str(tiny_hf_dir),
-            "--prompt",
-            "hello",
-            "--prompt",
-            "x",
-            "--max-new-tokens",
-            "4",
-            "--json",
-        ]
-    )
-    assert code == 0
-    out = json.loads(capsys.readouterr().out)
-    assert [o["prompt"] for o in out] == ["hello", "x"]
 
 
 # ------------------------------------------------------------------ the real model
@@ -460,24 +312,3 @@ def test_real_model_peft_parity(real_base, tmp_path):
     base_nll = score_examples(real_base, None, enc)
     assert np.abs(base_nll - got).max() > 0.05  # the adapter matters
     np.testing.assert_allclose(got, want, atol=2e-4)
-
-
-def test_encoded_examples_minimal_constructor():
-    tokens = np.array([[0, 5, 6, 2, 2]], np.int32)
-    mask = np.array([[0, 0, 1, 1, 0]], np.float32)
-    enc = EncodedExamples(tokens=tokens, loss_mask=mask)
-    assert enc.lengths.tolist() == [4] and enc.num_labels.tolist() == [2]
-
-
-def test_pack_rows_first_fit_decreasing():
-    from d2c_jax.scoring import pack_rows
-
-    lengths = [30, 10, 20, 25, 5, 40]
-    row, start, n = pack_rows(lengths, 48)
-    assert n == 3
-    for r in range(n):  # no overlap, nothing past the row end
-        spans = sorted((start[i], start[i] + lengths[i]) for i in range(6) if row[i] == r)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
-        assert spans[-1][1] <= 48
-    with pytest.raises(ValueError, match="does not fit"):
-        pack_rows([49], 48)

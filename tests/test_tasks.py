@@ -189,7 +189,7 @@ def test_examples_follow_their_rules(shipped):
 
 @pytest.mark.slow
 def test_token_budget_real_tokenizer(real_base, shipped):
-    from d2c_jax.scoring import encode_examples
+    from d2c_jax.examples import encode_examples
 
     longest = {}
     for name, splits in shipped.items():

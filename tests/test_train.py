@@ -13,8 +13,9 @@ import jax
 import numpy as np
 import pytest
 
+from d2c_jax.examples import encode_examples
 from d2c_jax.library import AdapterLibrary
-from d2c_jax.scoring import encode_examples, example_nll
+from d2c_jax.scoring import example_nll
 from d2c_jax.train import LoraTrainer, TrainConfig, batch_indices, init_lora, train_library
 
 CONFIG = TrainConfig(

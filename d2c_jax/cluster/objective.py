@@ -41,16 +41,10 @@ import numpy as np
 
 from d2c_jax import merging, sharding
 from d2c_jax.cluster.base import membership_mask
+from d2c_jax.examples import DEFAULT_BUCKET, encode_examples, round_up
 from d2c_jax.library import AdapterLibrary
-from d2c_jax.scoring import (
-    DEFAULT_BUCKET,
-    encode_examples,
-    pack_examples,
-    packed_nll,
-    round_up,
-    score_candidates,
-    task_mean_nll,
-)
+from d2c_jax.packing import pack_examples
+from d2c_jax.scoring import packed_nll, score_candidates, task_mean_nll
 from kernels import screening
 from kernels.merge import MergeConfig
 

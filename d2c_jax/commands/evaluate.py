@@ -85,6 +85,7 @@ def resolve_adapters(args: argparse.Namespace, base, library):
     """``({task: cluster}, {task: (params, scale)}, how)`` from --assignment."""
     import numpy as np
 
+    from d2c_jax.adapters import check_adapter_for_base
     from d2c_jax.cluster.output import (
         ASSIGNMENT_NAME,
         load_clusters,
@@ -93,7 +94,6 @@ def resolve_adapters(args: argparse.Namespace, base, library):
     )
     from d2c_jax.evaluate import merged_task_adapters
     from d2c_jax.merging import merge_config_from_args
-    from d2c_jax.scoring import check_adapter_for_base
 
     source: Path = args.assignment
     if source.is_dir():
@@ -129,6 +129,7 @@ def resolve_adapters(args: argparse.Namespace, base, library):
 
 
 def run(args: argparse.Namespace) -> int:
+    from d2c_jax.adapters import check_adapter_for_base
     from d2c_jax.evaluate import (
         average_metrics,
         evaluate_adapters,
@@ -138,7 +139,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from d2c_jax.library import AdapterLibrary, embedded_library_dir
     from d2c_jax.models import load_base
-    from d2c_jax.scoring import check_adapter_for_base
     from d2c_jax.tasks import load_split
 
     if args.limit is not None and args.limit < 1:

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from d2c_jax.scoring import generate
+    from d2c_jax.generation import generate
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
