@@ -233,6 +233,7 @@ def evaluate_adapters(
     max_new_tokens: int = 32,
     batch_size: int = 50,
     limit: int | None = None,
+    start: int = 0,
     progress: bool = True,
 ) -> dict[str, dict]:
     """Greedy-generation metrics of each task under its adapter, on a held-out split.
@@ -245,7 +246,9 @@ def evaluate_adapters(
       split: the split to evaluate (``test``; evaluation never reads ``dev``).
       chat_template: wrap prompts as a chat turn (how one asks the base instruct
         model); adapters are trained on raw prompts, so they are evaluated raw.
-      limit: evaluate only the first `limit` examples of each task.
+      limit: evaluate only `limit` examples of each task (default: all).
+      start: skip the first `start` examples of each task (with `limit`, examples
+        ``[start, start + limit)``: a validation slice disjoint from a test slice).
     Returns ``{task: task_metrics}``.
     """
     from tqdm.auto import tqdm
@@ -270,7 +273,8 @@ def evaluate_adapters(
             chat_template=chat_template,
             batch_size=batch_size,
         )
-        examples = {task: load_split(root, task, split)[:limit] for task in tasks}
+        stop = None if limit is None else start + limit
+        examples = {task: load_split(root, task, split)[start:stop] for task in tasks}
         results.update(evaluate_tasks(generate_fn, examples, batch_size=batch_size))
         bar.update(len(tasks))
     bar.close()
