@@ -55,7 +55,7 @@ from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
 from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
 from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
 
-DATA_FREE = ("random", "kmeans", "mbc")
+DATA_FREE = ("random", "kmeans", "mbc", "kmerge")
 # D2C variants compared on the validation slice (docs/RESULTS.md, ablation): name ->
 # settings of `d2c_jax.cluster.D2CClustering`. "d2c" is what `d2c cluster --method d2c`
 # runs with no flags (`D2CClustering()`); the others are the variants tried, losers kept.
@@ -71,6 +71,12 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
     "d2c_mbc_nll_sweep": {"init": "mbc", "mode": "sweep", "max_iters": 1},
     "d2c_mbc_likelihood_sweep": {
         "init": "mbc",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+    },
+    "d2c_best_likelihood_sweep": {
+        "init": "best",
         "mode": "sweep",
         "max_iters": 1,
         "task_loss": "likelihood",
@@ -208,6 +214,20 @@ class Sweep:
         )
         return cell if same else None
 
+    def same_search(self, method: str, budget: str, seed: int) -> dict[str, Any] | None:
+        """A stored cell of another D2C variant with the same search settings (the
+        default "d2c" is one of the variants tried), relabelled as `method`."""
+        settings = self.search_settings(method)
+        for other in D2C_VARIANTS:
+            if other == method or settings is None or self.search_settings(other) != settings:
+                continue
+            cell = self.stored_cell(self.cell_path(other, budget, seed), other)
+            if cell is not None:
+                cell = {**cell, "method": method, "name": self.cell_path(method, budget, seed).stem}
+                write_json_atomic(self.cell_path(method, budget, seed), cell)
+                return cell
+        return None
+
     def evaluate_assignment(self, assign: np.ndarray) -> dict[str, dict]:
         """Per-task test metrics of a clustering, each task under its cluster's merge.
 
@@ -282,7 +302,7 @@ class Sweep:
 
         path = self.cell_path(method, budget, seed)
         name = path.stem
-        if (stored := self.stored_cell(path, method)) is not None:
+        if stored := self.stored_cell(path, method) or self.same_search(method, budget, seed):
             if self.per_task_key not in stored:  # clustered before, scored on another slice
                 assign = np.array([stored["assignment"][t] for t in self.library.names])
                 stored[self.per_task_key] = self.evaluate_assignment(assign)
@@ -549,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--library", type=Path, default=None)
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument(
         "--tasks",
         type=Path,

@@ -219,7 +219,7 @@ class TableObjective:
 class FromAssignment(D2CClustering):
     """D2C started from a given assignment instead of K-Means or random."""
 
-    def initial_assignment(self, library, k, seed):
+    def initial_assignment(self, library, k, seed, cached=None):
         return np.array([0, 0, 1])
 
 
@@ -343,3 +343,16 @@ def test_lloyd_needs_cross_losses():
 
     with pytest.raises(ValueError, match="cross_losses"):
         D2CClustering(mode="lloyd").fit(planted_library(groups=(0,) * 12), 3, 0, NoCross())
+
+
+@pytest.mark.parametrize("task_loss", ["nll", "likelihood"])
+def test_best_init_starts_from_the_data_free_clustering_with_lower_objective(task_loss):
+    from d2c_jax.cluster.parameter import KMeansClustering, MBCClustering
+
+    library = planted_library(groups=(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2), noise=1.0)
+    objective = PairwiseObjective(GROUPS)
+    search = D2CClustering(init="best", task_loss=task_loss)
+    start = search.initial_assignment(library, 3, 5, CachedObjective(objective))
+    starts = [m.fit(library, 3, 5).assign for m in (KMeansClustering(), MBCClustering())]
+    values = [objective_value(objective, a, 3, task_loss) for a in starts]
+    np.testing.assert_array_equal(start, starts[int(np.argmin(values))])

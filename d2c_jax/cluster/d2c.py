@@ -80,7 +80,9 @@ from kernels.screening import spearman
 # During a sweep, save the score cache at most this often (see module docstring).
 SWEEP_SAVE_SECONDS = 120.0
 
-INITS = ("kmeans", "mbc", "random")
+INITS = ("kmeans", "mbc", "random", "best")
+# The data-free starts that ``init="best"`` chooses among by the objective.
+BEST_OF = ("kmeans", "mbc")
 MODES = ("best", "sweep", "lloyd")
 
 # Per-task loss f(mean dev NLL) that J averages (module docstring); f(0) = 0, so the
@@ -210,7 +212,8 @@ class D2CClustering:
 
     Attributes:
       init: initial assignment: ``kmeans`` (K-Means on flattened parameters), ``mbc``
-        (cosine K-Means on SVD features of the sparsified adapters) or ``random``.
+        (cosine K-Means on SVD features of the sparsified adapters), ``random``, or
+        ``best``: whichever of kmeans and mbc has the lower objective J.
       mode: ``best`` (best single move per iteration), ``sweep`` (Gauss-Seidel) or
         ``lloyd`` (every task to the cluster whose current merge serves it best).
       max_iters: upper bound on iterations.
@@ -256,9 +259,19 @@ class D2CClustering:
             # The first-order estimate is of the change of mean NLL.
             raise ValueError("screening (screen_top > 0) needs task_loss='nll'")
 
-    def initial_assignment(self, library: AdapterLibrary, k: int, seed: int) -> np.ndarray:
-        method = {"kmeans": self.kmeans, "mbc": self.mbc, "random": RandomClustering()}
-        return method[self.init].fit(library, k, seed).assign
+    def initial_assignment(
+        self, library: AdapterLibrary, k: int, seed: int, cached: CachedObjective | None = None
+    ) -> np.ndarray:
+        """The start of the search; ``best`` scores the data-free starts (`BEST_OF`) on
+        the objective (about 2K member sets) and keeps the lowest J (ties: first)."""
+        methods = {"kmeans": self.kmeans, "mbc": self.mbc, "random": RandomClustering()}
+        if self.init != "best":
+            return methods[self.init].fit(library, k, seed).assign
+        starts = [methods[name].fit(library, k, seed).assign for name in BEST_OF]
+        values = [
+            cached.cluster_losses(membership_mask(a, k), self.task_loss).sum() for a in starts
+        ]
+        return starts[int(np.argmin(values))]
 
     def fit(
         self,
@@ -288,7 +301,7 @@ class D2CClustering:
             assign, iteration, log, cache_state = restored
             cached.load_state(cache_state)
         else:
-            assign = self.initial_assignment(library, k, seed)
+            assign = self.initial_assignment(library, k, seed, cached)
             iteration, log = 0, []
             start = time.perf_counter()
             objective_value = (
