@@ -356,3 +356,47 @@ def test_best_init_starts_from_the_data_free_clustering_with_lower_objective(tas
     starts = [m.fit(library, 3, 5).assign for m in (KMeansClustering(), MBCClustering())]
     values = [objective_value(objective, a, 3, task_loss) for a in starts]
     np.testing.assert_array_equal(start, starts[int(np.argmin(values))])
+
+
+def test_promising_destinations_are_the_lowest_losses_but_the_current_cluster():
+    losses = np.array([0.5, 0.1, 0.3, 0.1, 2.0])
+    assert d2c.promising_destinations(losses, 1, 2).tolist() == [False, False, True, True, False]
+    assert d2c.promising_destinations(losses, 4, 1).tolist() == [False, True, False, False, False]
+    assert d2c.promising_destinations(losses, 0, 9).sum() == 4
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sweep_with_destinations_scores_only_the_promising_moves(seed):
+    """A pruned sweep equals a plain sweep whose visits see only the M destinations
+    ranked best by the cross losses at the sweep's start."""
+    objective = PairwiseObjective(GROUPS, seed=seed)
+    library = planted_library(groups=(0,) * 12)
+    start = random_assignment(12, 3, seed=seed)
+
+    class From(D2CClustering):
+        def initial_assignment(self, library, k, seed, cached=None):
+            return start.copy()
+
+    pruned = From(mode="sweep", max_iters=1, destinations=1)
+    got = pruned.fit(library, 3, seed, objective, progress=False)
+    # reference: replay the sweep by hand
+    cross = objective.cross_losses(membership_mask(start, 3))
+    assign = start.copy()
+    for i in np.random.default_rng([seed, 1]).permutation(12):
+        if (assign == assign[i]).sum() == 1:
+            continue
+        ranked = [c for c in np.argsort(cross[:, i], kind="stable") if c != assign[i]]
+        b = int(ranked[0])
+        moved = assign.copy()
+        moved[i] = b
+        if objective_value(objective, moved, 3) < objective_value(objective, assign, 3) - 1e-4:
+            assign = moved
+    np.testing.assert_array_equal(got.assign, assign)
+    assert got.log[1]["candidates_considered"] <= 12
+
+
+def test_destinations_settings_are_checked():
+    with pytest.raises(ValueError, match="sweep"):
+        D2CClustering(mode="best", destinations=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        D2CClustering(mode="sweep", destinations=-1)

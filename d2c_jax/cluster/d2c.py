@@ -206,6 +206,15 @@ def move_deltas(
     return deltas
 
 
+def promising_destinations(losses: np.ndarray, current: int, m: int) -> np.ndarray:
+    """``losses [K]`` (a task's loss under each cluster's merge) -> ``[K]`` bool: the m
+    clusters other than `current` with the lowest loss (ties: lower index)."""
+    order = [int(c) for c in np.argsort(losses, kind="stable") if c != current]
+    wanted = np.zeros(len(losses), bool)
+    wanted[order[:m]] = True
+    return wanted
+
+
 @dataclasses.dataclass(frozen=True)
 class D2CClustering:
     """D2C search settings.
@@ -221,6 +230,10 @@ class D2CClustering:
         ``nll``, probability for ``likelihood``, averaged over tasks).
       task_loss: the per-task loss J averages, a key of `TASK_LOSSES` (module docstring).
       kmeans: settings of the K-Means initialisation.
+      destinations: M > 0 (``sweep`` mode): a visit scores only the adapter's M most
+        promising destination clusters, ranked by its task's dev loss under each
+        cluster's merge at the start of the sweep (K merges scored on every task,
+        `CachedObjective.cross_losses`); 0 scores every destination.
       screen_top: M > 0 turns on first-order screening (``best`` mode only): only the
         M best-estimated moves (plus the reliability sample) are scored exactly.
       screen_sample: moves scored exactly at random to check the estimate's ranking.
@@ -236,6 +249,7 @@ class D2CClustering:
     task_loss: str = "nll"
     kmeans: KMeansClustering = KMeansClustering()
     mbc: MBCClustering = MBCClustering()
+    destinations: int = 0
     screen_top: int = 0
     screen_sample: int = 16
     screen_min_corr: float = 0.5
@@ -249,6 +263,10 @@ class D2CClustering:
             raise ValueError("max_iters and tol must be non-negative")
         if self.screen_top < 0 or self.screen_sample < 3:
             raise ValueError("screen_top must be >= 0 and screen_sample >= 3")
+        if self.destinations < 0:
+            raise ValueError("destinations must be >= 0")
+        if self.destinations and self.mode != "sweep":
+            raise ValueError("destinations (M > 0) needs mode='sweep'")
         if self.screen_top and self.mode != "best":
             raise ValueError("screening (screen_top > 0) needs mode='best'")
         if self.task_loss not in TASK_LOSSES:
@@ -293,8 +311,12 @@ class D2CClustering:
         cached = objective if isinstance(objective, CachedObjective) else CachedObjective(objective)
         if self.screen_top and not hasattr(cached.objective, "first_order_moves"):
             raise ValueError("screening needs an objective with first_order_moves (DevObjective)")
-        if self.mode == "lloyd" and not hasattr(cached.objective, "cross_losses"):
-            raise ValueError("lloyd mode needs an objective with cross_losses (DevObjective)")
+        if (self.mode == "lloyd" or self.destinations) and not hasattr(
+            cached.objective, "cross_losses"
+        ):
+            raise ValueError(
+                "lloyd mode and destinations need an objective with cross_losses (DevObjective)"
+            )
         checkpoint = _SearchCheckpoint(checkpoint_dir) if checkpoint_dir else None
         restored = checkpoint.restore() if checkpoint else None
         if restored is not None:
@@ -382,6 +404,7 @@ class D2CClustering:
                 "mode": self.mode,
                 "task_loss": self.task_loss,
                 "screen_top": self.screen_top,
+                "destinations": self.destinations,
             },
         )
 
@@ -410,6 +433,8 @@ class D2CClustering:
                 return assign, [move], considered, screened
             return assign, [], considered, screened
         moves, considered = [], 0
+        if self.destinations:  # each task's loss under each merge at the sweep's start
+            cross = cached.cross_losses(membership_mask(assign, k))  # [K, N]
         order = np.random.default_rng([seed, iteration]).permutation(n)
         # A sweep over a large library takes many minutes: show each visit, with ETA.
         visits = tqdm(
@@ -417,7 +442,13 @@ class D2CClustering:
         )
         for i in visits:
             before = cached.evaluations
-            deltas = move_deltas(assign, k, cached, np.array([i]), task_loss=self.task_loss)[0] / n
+            pairs = None
+            if self.destinations:
+                pairs = promising_destinations(cross[:, i], assign[i], self.destinations)[None]
+            deltas = (
+                move_deltas(assign, k, cached, np.array([i]), pairs, task_loss=self.task_loss)[0]
+                / n
+            )
             considered += int(np.isfinite(deltas).sum())
             b = int(np.argmin(deltas))
             if deltas[b] < -self.tol:
