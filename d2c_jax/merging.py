@@ -26,13 +26,12 @@ L x sum over modules of d_out x d_in (2.1 GB for 40 SmolLM2 q,v adapters).
 DARE's random mask of an adapter depends only on ``MergeConfig.seed`` and the
 adapter's name, so it is the same whichever library or subset the adapter sits in.
 
-`add_merge_arguments` / `merge_config_from_args` define the command-line flags
-of a merge for every command that merges.
+The command-line flags of a merge live in `d2c_jax.commands.merge_args`; the named
+merge methods in `kernels.merge_methods`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import zlib
 from collections.abc import Mapping, Sequence
@@ -192,7 +191,7 @@ def prepare(
         raise ValueError(f"names has {len(names)} entries but the library has {n} adapters")
     scale = jnp.asarray(scale, jnp.float32)
     weights = config_weights(config, n)
-    keys = adapter_keys(names, config.seed) if config.method in kmerge.DARE_METHODS else None
+    keys = adapter_keys(names, config.seed) if config.spec.sparsify == "dare" else None
     if config.space == "delta":
         tensors = _library_deltas(dict(params), scale)
     else:
@@ -314,139 +313,3 @@ def merge(
     """
     prepared = prepare(params, scale, config, names=names)
     return merged_factors(prepared, membership, return_delta=return_delta)
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--method") -> None:
-    """Register the flags that define a merge (shared by every command that merges).
-
-    The merge method's flag is `method_flag` (``d2c cluster`` uses ``--merge``, its
-    ``--method`` being the clustering method); its value lands in
-    ``args.merge_method`` either way.
-    """
-    group = parser.add_argument_group(
-        "merge", "how adapters are merged (see kernels/merge.py for exact semantics)"
-    )
-    group.add_argument(
-        method_flag,
-        dest="merge_method",
-        choices=kmerge.METHODS,
-        default="ties",
-        help="ties: trim, elect sign, disjoint mean; linear: weighted mean; task_arithmetic: "
-        "weighted sum; dare_ties / dare_linear: random drop-and-rescale, then ties / weighted "
-        "sum; magnitude_prune: trim, then weighted sum (default: %(default)s)",
-    )
-    group.add_argument(
-        "--space",
-        choices=kmerge.SPACES,
-        default="delta",
-        help="delta: merge dense scale*B@A per module and truncate back to rank r by SVD; "
-        "factor: merge A and B separately like PEFT add_weighted_adapter (cheap, has "
-        "cross-term defects) (default: %(default)s)",
-    )
-    group.add_argument(
-        "--density",
-        type=float,
-        default=None,
-        help="fraction of entries kept: top-|x| for ties and magnitude_prune, keep probability "
-        "for dare_*; required by those methods, not accepted by linear / task_arithmetic "
-        "(the TIES paper uses 0.2)",
-    )
-    group.add_argument(
-        "--weights",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="W",
-        help="one weight per adapter, in library order (default: all 1)",
-    )
-    group.add_argument(
-        "--trim",
-        choices=kmerge.TRIMS,
-        default="per-tensor",
-        help="magnitude-trim scope: each module-layer matrix (PEFT, mergekit) or per adapter "
-        "over all modules and layers (TIES paper code) (default: %(default)s)",
-    )
-    group.add_argument(
-        "--majority",
-        choices=kmerge.MAJORITIES,
-        default="total",
-        help="TIES sign election: sign of the summed values or of the count of signs "
-        "(default: %(default)s)",
-    )
-    group.add_argument(
-        "--sign-vote",
-        choices=kmerge.SIGN_VOTES,
-        default="unweighted",
-        help="TIES votes on values before (PEFT) or after (mergekit) multiplying by the "
-        "weights (default: %(default)s)",
-    )
-    group.add_argument(
-        "--divisor",
-        choices=kmerge.DIVISORS,
-        default=None,
-        help="weighted-sum methods divide each cluster by 1, its member count or its summed "
-        "weights; TIES divides each entry by 1, its number of agreeing members or their summed "
-        "weights (default: count for ties / dare_ties, weight for linear, none otherwise)",
-    )
-    group.add_argument(
-        "--lambda",
-        dest="lam",
-        type=float,
-        default=1.0,
-        metavar="L",
-        help="multiplies the merged task vector (default: %(default)s)",
-    )
-    group.add_argument(
-        "--singletons",
-        choices=kmerge.SINGLETONS,
-        default="keep",
-        help="keep: a one-adapter cluster is that adapter, unchanged (PEFT); merge: it is "
-        "merged like any cluster, e.g. trimmed by TIES (mergekit) (default: %(default)s)",
-    )
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of DARE's random masks; an adapter's mask depends on the seed and its name "
-        "(default: %(default)s)",
-    )
-
-
-def merge_config_from_args(
-    args: argparse.Namespace, default_density: float | None = None
-) -> MergeConfig:
-    """The MergeConfig described by flags registered with `add_merge_arguments`.
-
-    ``default_density`` fills in ``--density`` for sparsifying methods when it is not
-    given (commands that merge inside a search use the TIES paper's 0.2); without
-    it the flag is required for them.
-    """
-    method = args.merge_method
-    sparsifies = method in kmerge.MAGNITUDE_METHODS + kmerge.DARE_METHODS
-    density = args.density if args.density is not None or not sparsifies else default_density
-    if sparsifies and density is None:
-        raise ValueError(
-            f"--density is required for merge method {method} (fraction of entries kept; "
-            "the TIES paper uses 0.2)"
-        )
-    if not sparsifies and args.density is not None:
-        raise ValueError(f"--density does not apply to merge method {method}; leave it out")
-    try:
-        return MergeConfig(
-            method=method,
-            space=args.space,
-            density=density,
-            trim=args.trim,
-            majority=args.majority,
-            sign_vote=args.sign_vote,
-            divisor=args.divisor,
-            lam=args.lam,
-            weights=tuple(args.weights) if args.weights is not None else None,
-            seed=args.seed,
-            singletons=args.singletons,
-        )
-    except ValueError as err:
-        raise ValueError(f"invalid merge flags: {err}") from None

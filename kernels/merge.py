@@ -18,11 +18,15 @@ Two stages, because trimming depends only on each adapter, never on the cluster:
 Semantics (``x_n`` = prepared tensor of adapter n, ``w_n`` = its weight; sums
 run over the members of cluster c):
 
-- Weighted-sum methods (linear, task_arithmetic, magnitude_prune, dare_linear):
-  ``merged_c = lambda / D_c * sum_n w_n x_n`` with ``D_c`` = 1 (divisor "none"),
-  the member count ("count") or ``sum_n w_n`` ("weight").
-- TIES methods (ties, dare_ties): vote values ``v_n = x_n`` ("unweighted", PEFT)
-  or ``w_n x_n`` ("weighted", mergekit); elected sign ``e = +1`` where
+Which method sparsifies how, votes on signs or not, and divides by what by
+default is the registry `kernels.merge_methods.MERGE_METHODS`; the kernels dispatch
+on those fields, never on a method's name.
+
+- Weighted-sum methods (sign consensus "none": linear, task_arithmetic,
+  magnitude_prune, dare_linear): ``merged_c = lambda / D_c * sum_n w_n x_n`` with
+  ``D_c`` = 1 (divisor "none"), the member count ("count") or ``sum_n w_n`` ("weight").
+- TIES methods (sign consensus "ties": ties, dare_ties): vote values ``v_n = x_n``
+  ("unweighted", PEFT) or ``w_n x_n`` ("weighted", mergekit); elected sign ``e = +1`` where
   ``sum_n v_n >= 0`` ("total") or ``sum_n sign(v_n) >= 0`` ("frequency"), else
   -1; agreeing entries are those with ``sign(v_n) == e`` (zeros never agree);
   ``merged = lambda * sum_agree w_n x_n / D`` with ``D`` per entry = 1 ("none"),
@@ -68,26 +72,13 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-METHODS = ("ties", "linear", "task_arithmetic", "dare_ties", "dare_linear", "magnitude_prune")
-TIES_METHODS = ("ties", "dare_ties")
+from kernels.merge_methods import DIVISORS, MergeMethod, get_method
+
 SINGLETONS = ("keep", "merge")
-MAGNITUDE_METHODS = ("ties", "magnitude_prune")
-DARE_METHODS = ("dare_ties", "dare_linear")
 SPACES = ("delta", "factor")
 TRIMS = ("global", "per-tensor")
 MAJORITIES = ("total", "frequency")
 SIGN_VOTES = ("weighted", "unweighted")
-DIVISORS = ("none", "count", "weight")
-# Divisor used when MergeConfig.divisor is None: PEFT's choice except for `linear`,
-# which is a weighted mean (PEFT's `linear` with weights summing to one).
-DEFAULT_DIVISOR = {
-    "ties": "count",
-    "dare_ties": "count",
-    "linear": "weight",
-    "task_arithmetic": "none",
-    "dare_linear": "none",
-    "magnitude_prune": "none",
-}
 
 Tree = Any  # a pytree of arrays
 
@@ -102,7 +93,8 @@ class MergeConfig:
     """Every choice of a merge. Frozen and hashable: pass it as a static jit argument.
 
     Attributes:
-      method: ties | linear | task_arithmetic | dare_ties | dare_linear | magnitude_prune.
+      method: a name in `kernels.merge_methods.MERGE_METHODS` (ties, linear,
+        task_arithmetic, dare_ties, dare_linear, magnitude_prune).
       space: "delta" (merge dense scale*B@A per module, then truncate to rank r) or
         "factor" (merge A and B separately, PEFT ``add_weighted_adapter`` semantics).
       density: fraction of entries kept: top-|x| for ties / magnitude_prune
@@ -116,7 +108,7 @@ class MergeConfig:
       sign_vote: TIES vote values: "unweighted" (x_n, PEFT) or "weighted"
         (w_n x_n, mergekit); agreement is judged on the same values.
       divisor: "none", "count" or "weight" (see the module docstring); None picks
-        the method's default (`DEFAULT_DIVISOR`) and is resolved on construction,
+        the method's default (`MergeMethod.default_divisor`) and is resolved on construction,
         so a constructed config always holds the divisor it uses.
       lam: lambda, multiplies the merged task vector (B @ A in factor space).
       weights: per-adapter weights w_n (length N, in library order) or None for
@@ -126,9 +118,7 @@ class MergeConfig:
         "merge" (merged like any cluster, e.g. trimmed by TIES; mergekit).
     """
 
-    method: Literal[
-        "ties", "linear", "task_arithmetic", "dare_ties", "dare_linear", "magnitude_prune"
-    ]
+    method: str
     space: Literal["delta", "factor"] = "delta"
     density: float | None = None
     trim: Literal["global", "per-tensor"] = "per-tensor"
@@ -141,23 +131,23 @@ class MergeConfig:
     singletons: Literal["keep", "merge"] = "keep"
 
     def __post_init__(self):
-        _choice("method", self.method, METHODS)
+        spec = get_method(self.method)
         _choice("singletons", self.singletons, SINGLETONS)
         _choice("space", self.space, SPACES)
         _choice("trim", self.trim, TRIMS)
         _choice("majority", self.majority, MAJORITIES)
         _choice("sign_vote", self.sign_vote, SIGN_VOTES)
         if self.divisor is None:
-            object.__setattr__(self, "divisor", DEFAULT_DIVISOR[self.method])
+            object.__setattr__(self, "divisor", spec.default_divisor)
         _choice("divisor", self.divisor, DIVISORS)
         if self.sparsifies:
             if self.density is None:
                 raise ValueError(f"density is required for method {self.method!r}")
-            low_ok = self.density > 0 if self.method in DARE_METHODS else self.density >= 0
+            low_ok = self.density > 0 if spec.sparsify == "dare" else self.density >= 0
             if not (low_ok and self.density <= 1):
-                interval = "(0, 1]" if self.method in DARE_METHODS else "[0, 1]"
                 raise ValueError(
-                    f"density must be in {interval} for {self.method!r}, got {self.density}"
+                    f"density must be in {spec.density_interval} for {self.method!r}, "
+                    f"got {self.density}"
                 )
             object.__setattr__(self, "density", float(self.density))
         elif self.density is not None:
@@ -180,12 +170,17 @@ class MergeConfig:
             )
 
     @property
+    def spec(self) -> MergeMethod:
+        """The registered method (`kernels.merge_methods`): sparsification, consensus."""
+        return get_method(self.method)
+
+    @property
     def is_ties(self) -> bool:
-        return self.method in TIES_METHODS
+        return self.spec.consensus == "ties"
 
     @property
     def sparsifies(self) -> bool:
-        return self.method in MAGNITUDE_METHODS + DARE_METHODS
+        return self.spec.needs_density
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly record of every field (for logs and result files)."""
@@ -343,10 +338,10 @@ def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
 
 
 def _sparsify(tree: Tree, config: MergeConfig, keys: jax.Array | None) -> Tree:
-    if config.method in MAGNITUDE_METHODS:
+    if config.spec.sparsify == "magnitude":
         masks = trim_masks(tree, config.density, config.trim)
         return jax.tree.map(lambda x, m: jnp.where(m, x, 0), tree, masks)
-    if config.method in DARE_METHODS:
+    if config.spec.sparsify == "dare":
         if keys is None:
             raise ValueError(f"method {config.method!r} needs PRNG keys for its random masks")
         masks = dare_masks(keys, tree, config.density)
@@ -390,7 +385,7 @@ def prepare_factors(
     for m in modules:
         if set(factors[m]) != {"A", "B"}:
             raise ValueError(f"{m}: expected factors {{'A', 'B'}}, got {sorted(factors[m])}")
-    if config.method in DARE_METHODS:
+    if config.spec.sparsify == "dare":
         return _sparsify({m: dict(factors[m]) for m in modules}, config, keys)
     sides = {side: _sparsify({m: factors[m][side] for m in modules}, config, keys) for side in "AB"}
     return {m: {side: sides[side][m] for side in "AB"} for m in modules}

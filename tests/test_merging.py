@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from d2c_jax import merging
 from kernels.merge import MergeConfig
+from kernels.merge_methods import METHODS, get_method
 
 N, L, R, D_IN = 5, 2, 2, 8
 D_OUT = {"q_proj": 8, "v_proj": 4}
@@ -131,11 +132,10 @@ def test_delta_ties_equals_numpy_reference_then_svd(config):
 
 
 def _config(method, space, density=0.5, **kwargs):
-    sparse = method not in ("linear", "task_arithmetic")
+    sparse = get_method(method).needs_density
     return MergeConfig(method, space=space, density=density if sparse else None, **kwargs)
 
 
-METHODS = ["ties", "linear", "task_arithmetic", "dare_ties", "dare_linear", "magnitude_prune"]
 PROPERTY_SETTINGS = settings(
     max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -312,43 +312,6 @@ def test_shape_and_argument_errors():
         merging.merge(
             {"q_proj": {"A": params["q_proj"]["A"]}}, scale, np.ones((1, N)), config, names=NAMES
         )
-
-
-def test_merge_arguments_round_trip():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    merging.add_merge_arguments(parser)
-    args = parser.parse_args(
-        "--method dare_ties --space factor --density 0.3 --weights 1 2 --trim global "
-        "--majority frequency --sign-vote weighted --lambda 0.8 --seed 4 "
-        "--singletons merge".split()
-    )
-    config = merging.merge_config_from_args(args)
-    assert config == MergeConfig(
-        "dare_ties",
-        space="factor",
-        density=0.3,
-        weights=(1.0, 2.0),
-        trim="global",
-        majority="frequency",
-        sign_vote="weighted",
-        divisor="count",
-        lam=0.8,
-        seed=4,
-        singletons="merge",
-    )
-    with pytest.raises(ValueError, match="--density is required for merge method ties"):
-        merging.merge_config_from_args(parser.parse_args(["--method", "ties"]))
-    assert (
-        merging.merge_config_from_args(parser.parse_args(["--method", "linear"])).divisor
-        == "weight"
-    )
-    renamed = argparse.ArgumentParser()
-    renamed.add_argument("--method", default="kmeans")  # e.g. the clustering method
-    merging.add_merge_arguments(renamed, method_flag="--merge")
-    args = renamed.parse_args(["--method", "d2c", "--merge", "linear"])
-    assert args.method == "d2c" and merging.merge_config_from_args(args).method == "linear"
 
 
 def test_prepared_library_is_a_pytree_for_jit():

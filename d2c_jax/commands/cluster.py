@@ -35,7 +35,7 @@ SEARCH_DIR = ".search"
 def add_parser(subparsers) -> None:
     from d2c_jax.cluster import METHODS, D2CClustering
     from d2c_jax.cluster.d2c import INITS, MODES, TASK_LOSSES
-    from d2c_jax.merging import add_merge_arguments
+    from d2c_jax.commands.merge_args import add_merge_arguments
 
     parser = subparsers.add_parser(
         "cluster",
@@ -221,9 +221,10 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax import tasks as task_suite
     from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
     from d2c_jax.cluster.output import save_clusters
+    from d2c_jax.commands.merge_args import merge_config_from_args
     from d2c_jax.examples import read_examples
     from d2c_jax.library import AdapterLibrary, embedded_library_dir
-    from d2c_jax.merging import DEFAULT_MERGE, merge_config_from_args
+    from d2c_jax.merging import DEFAULT_MERGE
     from d2c_jax.models import load_base
 
     # Without --density, sparsifying merges use the engine default (the TIES paper's).

@@ -23,8 +23,9 @@ import argparse
 import time
 from pathlib import Path
 
+from d2c_jax.commands.merge_args import add_merge_arguments
 from d2c_jax.library import write_json_atomic
-from d2c_jax.merging import DEFAULT_MERGE, add_merge_arguments
+from d2c_jax.merging import DEFAULT_MERGE
 
 SINGLE_CACHE = Path(".eval") / "single.json"
 
@@ -92,8 +93,8 @@ def resolve_adapters(args: argparse.Namespace, base, library):
         read_assignment,
         task_adapters,
     )
+    from d2c_jax.commands.merge_args import merge_config_from_args
     from d2c_jax.evaluate import merged_task_adapters
-    from d2c_jax.merging import merge_config_from_args
 
     source: Path = args.assignment
     if source.is_dir():

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from d2c_jax.merging import add_merge_arguments, merge_config_from_args
+from d2c_jax.commands.merge_args import add_merge_arguments, merge_config_from_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 
