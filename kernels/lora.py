@@ -14,9 +14,10 @@ is one of
   delta-space merge produces before truncation); `lora_linear` folds it into the
   weight (``x (W + delta)^T``, no extra GEMM), `lora_term` applies it as ``x delta^T``.
 
-The candidate axis is added with ``jax.vmap`` (see `multi_lora_linear`): XLA then turns
-the shared base weight into one large GEMM over all candidates' tokens and the
-factor products into batched thin matmuls.
+The candidate axis is added by the caller with ``jax.vmap`` over the whole forward
+pass (`d2c_jax.scoring.candidate_nll`): XLA then turns the shared base weight into one
+large GEMM over all candidates' tokens and the factor products into batched thin
+matmuls.
 """
 
 from __future__ import annotations
@@ -69,20 +70,6 @@ def lora_linear(
     if lora is not None:
         y = y + lora_term(x, lora, scale)
     return y
-
-
-def multi_lora_linear(
-    x: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    lora: LoraSlice,
-    scale: jax.Array | None = None,
-) -> jax.Array:
-    """Candidate-batched `lora_linear`: ``x [C, ..., d_in]``, lora leaves ``[C, ...]``,
-    ``scale [C]`` (factor form) -> ``[C, ..., d_out]``; the base weight is shared."""
-    if scale is None:
-        scale = jnp.ones(x.shape[0], x.dtype)
-    return jax.vmap(lambda xc, lc, sc: lora_linear(xc, weight, bias, lc, sc))(x, lora, scale)
 
 
 def dense_delta(lora: LoraSlice, scale: jax.Array | float = 1.0) -> jax.Array:

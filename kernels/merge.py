@@ -578,30 +578,3 @@ def keep_single_members(merged: Tree, members: Tree, membership: jax.Array) -> T
 def first_member(membership: jax.Array) -> jax.Array:
     """``[C]`` index of the first member of each row of ``membership [C, N]``."""
     return jnp.argmax(membership != 0, axis=-1)
-
-
-# ------------------------------------------------------------------------- one shot
-
-
-def merge_deltas(
-    deltas: Mapping[str, jax.Array],
-    membership: jax.Array,
-    weights: jax.Array,
-    config: MergeConfig,
-    keys: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-    """`prepare_deltas` then `combine_deltas`: ``{m: [N, L, o, i]} -> {m: [C, L, o, i]}``."""
-    return combine_deltas(prepare_deltas(deltas, config, keys), membership, weights, config)
-
-
-def merge_factors(
-    factors: Mapping[str, Mapping[str, jax.Array]],
-    scale: jax.Array,
-    membership: jax.Array,
-    weights: jax.Array,
-    config: MergeConfig,
-    keys: jax.Array | None = None,
-) -> dict[str, dict[str, jax.Array]]:
-    """`prepare_factors` then `combine_factors`: N adapters -> C merged (scale 1)."""
-    prepared = prepare_factors(factors, config, keys)
-    return combine_factors(prepared, scale, membership, weights, config)

@@ -24,6 +24,18 @@ from kernels import merge as km
 from kernels.lowrank import factors_to_delta
 from kernels.merge import MergeConfig
 
+
+def merge_deltas(deltas, membership, weights, config, keys=None):
+    """`prepare_deltas` then `combine_deltas` (what `d2c_jax.merging` does, jit aside)."""
+    return km.combine_deltas(km.prepare_deltas(deltas, config, keys), membership, weights, config)
+
+
+def merge_factors(factors, scale, membership, weights, config, keys=None):
+    """`prepare_factors` then `combine_factors`."""
+    prepared = km.prepare_factors(factors, config, keys)
+    return km.combine_factors(prepared, scale, membership, weights, config)
+
+
 TINY = dict(
     vocab_size=32,
     hidden_size=32,
@@ -126,7 +138,7 @@ def _membership():
 
 def _ours_factor(params, scale, config, weights):
     keys = adapter_keys(NAMES, config.seed)
-    return km.merge_factors(
+    return merge_factors(
         jax.tree.map(jnp.asarray, params),
         jnp.asarray(scale),
         _membership(),
@@ -255,7 +267,7 @@ def test_delta_space_equals_peft_svd_variants(peft_library, config, combination,
         m: factors_to_delta(jnp.asarray(f["A"]), jnp.asarray(f["B"]), jnp.asarray(scale))
         for m, f in params.items()
     }
-    merged = km.merge_deltas(deltas, _membership(), jnp.asarray(weights), config)
+    merged = merge_deltas(deltas, _membership(), jnp.asarray(weights), config)
     for c, members in enumerate(CLUSTERS):
         ref, scaling = _peft_merge(model, members, weights, combination, config.density)
         for m in TARGETS:
@@ -318,8 +330,8 @@ def test_weighted_sign_vote_differs_from_unweighted_with_negative_weights():
     x = jnp.asarray([[[[1.0]]], [[[0.4]]]])  # two adapters, one entry
     weights = jnp.asarray([1.0, -3.0])
     membership = jnp.ones((1, 2))
-    unweighted = km.merge_deltas({"q": x}, membership, weights, MergeConfig("ties", density=1.0))
-    weighted = km.merge_deltas(
+    unweighted = merge_deltas({"q": x}, membership, weights, MergeConfig("ties", density=1.0))
+    weighted = merge_deltas(
         {"q": x}, membership, weights, MergeConfig("ties", density=1.0, sign_vote="weighted")
     )
     # unweighted: both positive, elect +, mean of (1, -1.2) = -0.1
@@ -351,13 +363,11 @@ def test_kernel_shape_errors():
     deltas = {"q": jnp.zeros((3, 2, 4, 4))}
     config = MergeConfig("linear")
     with pytest.raises(ValueError, match="membership must be"):
-        km.merge_deltas(deltas, jnp.ones((2, 4)), jnp.ones(3), config)
+        merge_deltas(deltas, jnp.ones((2, 4)), jnp.ones(3), config)
     with pytest.raises(ValueError, match="weights must have shape"):
-        km.merge_deltas(deltas, jnp.ones((2, 3)), jnp.ones(4), config)
+        merge_deltas(deltas, jnp.ones((2, 3)), jnp.ones(4), config)
     with pytest.raises(ValueError, match="PRNG keys"):
-        km.merge_deltas(
-            deltas, jnp.ones((2, 3)), jnp.ones(3), MergeConfig("dare_linear", density=0.5)
-        )
+        merge_deltas(deltas, jnp.ones((2, 3)), jnp.ones(3), MergeConfig("dare_linear", density=0.5))
 
 
 def test_factor_global_trim_runs_over_all_modules_separately_for_a_and_b():

@@ -83,15 +83,6 @@ def _hf_names(layer: int) -> dict[str, str]:
     return names
 
 
-def is_hf_dir(path: str | os.PathLike) -> bool:
-    p = Path(path)
-    return (
-        p.is_dir()
-        and (p / "config.json").is_file()
-        and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file())
-    )
-
-
 def load_hf_weights(path: str | os.PathLike) -> tuple[LlamaConfig, Weights]:
     """Config and float32 NumPy weights (canonical stacked layout) of an HF directory."""
     path = Path(path)
