@@ -146,3 +146,32 @@ def write_result(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+RESULTS_DOC = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
+RESULTS_DOC_HEADER = """# d2c-jax results
+
+Every section below is written by the command named in its heading, from the result
+files under `benchmarks/results/` (machine, versions, load average and command are in
+those files). Do not edit by hand: rerun the command.
+"""
+
+
+def write_results_section(name: str, command: str, body: str, doc: Path = RESULTS_DOC) -> None:
+    """Replace (or append) the section `name` of docs/RESULTS.md, atomically.
+
+    A section runs from its marker ``<!-- section: name -->`` to the next marker, so
+    each benchmark rewrites only its own part and the order of first writing is kept.
+    """
+    from d2c_jax.library import write_text_atomic
+
+    text = doc.read_text() if doc.is_file() else RESULTS_DOC_HEADER
+    marker = f"<!-- section: {name} -->"
+    section = f"{marker}\n## {name}\n\n`{command}`\n\n{body.strip()}\n\n"
+    if marker in text:
+        head, rest = text.split(marker, 1)
+        nxt = rest.find("<!-- section: ")
+        text = head + section + (rest[nxt:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_text_atomic(doc, text.rstrip("\n") + "\n")

@@ -51,7 +51,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, machine_info, versions  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS_DIR,
+    machine_info,
+    versions,
+    write_results_section,
+)
 from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
 from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
 
@@ -80,6 +85,13 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "mode": "sweep",
         "max_iters": 1,
         "task_loss": "likelihood",
+    },
+    "d2c_best_likelihood_sweep_m1": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+        "destinations": 1,
     },
     "d2c_mbc_nll_lloyd": {"init": "mbc", "mode": "lloyd", "max_iters": 10},
     "d2c_mbc_likelihood_lloyd": {
@@ -193,6 +205,8 @@ class Sweep:
         settings = {"init": search.init, "mode": search.mode, "max_iters": search.max_iters}
         if search.task_loss != "nll":
             settings["task_loss"] = search.task_loss
+        if search.destinations:
+            settings["destinations"] = search.destinations
         return settings
 
     def cell_path(self, method: str, budget: str, seed: int) -> Path:
@@ -640,7 +654,15 @@ def write_table(args, sweep, cells, refs, missing, plan) -> None:
     write_json_atomic(args.out.parent / f"{stem}.json", summary)
     header = f"Partial table: {len(missing)} of {len(plan)} cells still to run.\n\n"
     header = header if missing else ""
-    write_text_atomic(args.out.parent / f"{stem}.md", header + markdown(summary, args.eval))
+    table = header + markdown(summary, args.eval)
+    write_text_atomic(args.out.parent / f"{stem}.md", table)
+    if args.library is None and args.tasks is None:  # docs describe the built-in library
+        title = {
+            "test": "Paper table: test score against storage budget",
+            "val": "D2C variants on the validation slice (ablation)",
+        }[args.eval]
+        command = "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
+        write_results_section(title, command.strip(), f"{summary['scored_on']}.\n\n{table}")
     if refs:
         plot(summary, args.out.parent / f"{stem}.png")
 

@@ -108,3 +108,16 @@ def test_validation_scores_are_read_from_their_own_key():
     assert test["score_difference_mean"] == pytest.approx(10.0)
     assert val["score_difference_mean"] == pytest.approx(-15.0)
     assert val["verdict"] == "behind"
+
+
+def test_results_sections_are_replaced_in_place(tmp_path):
+    from benchmarks.common import write_results_section
+
+    doc = tmp_path / "RESULTS.md"
+    write_results_section("paper table", "make paper", "| a |", doc)
+    write_results_section("ablation", "python x.py --eval val", "first", doc)
+    write_results_section("paper table", "make paper", "| b |", doc)
+    text = doc.read_text()
+    assert text.index("## paper table") < text.index("## ablation")
+    assert "| b |" in text and "| a |" not in text and text.count("## paper table") == 1
+    assert "first" in text and "`python x.py --eval val`" in text
