@@ -12,7 +12,6 @@ model (used by ``d2c score`` and ``d2c evaluate`` before any computation).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -59,14 +58,15 @@ def check_adapter_for_base(base, library) -> None:
     """Raise ValueError if an adapter library was made for another base model.
 
     Shapes (layers, d_in, d_out of every module) must match; and if the library records
-    a ``base_model`` it must name the same model as ``base.name`` or ``base.source``
-    (compared by the last path component, case-insensitive, so a local copy of the same
-    repo matches).
+    a ``base_model`` it must name the same model (`d2c_jax.models.same_base_model`: the
+    base's name, source or the known name of its weights fingerprint, compared by the
+    last path component, case-insensitive).
     """
+    from d2c_jax.models import same_base_model
+
     recorded = getattr(library, "base_model", None)
-    if recorded and base.name:
-        norm = lambda s: Path(str(s).rstrip("/")).name.lower().removesuffix(".gguf")
-        if norm(recorded) not in {norm(base.name), norm(base.source)}:
+    if base.name:
+        if not same_base_model(base, recorded):
             raise ValueError(
                 f"the adapter was trained for base model {recorded!r}, but the base model is "
                 f"{base.name!r} ({base.source})"

@@ -2,16 +2,59 @@
 
 Each command module exposes `add_parser(subparsers)` (registers its arguments and
 sets `func`) so that this file only wires them together.
+
+Errors in the user's input (the project's own `ValueError` subclasses, other
+``ValueError`` and ``OSError``) are printed as one line ``d2c CMD: error: ...`` with
+exit status 2; ``--debug`` (or ``D2C_DEBUG=1``) shows the traceback instead. Any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Subcommand modules, in the order `d2c --help` lists them.
-COMMANDS = ("merge", "score", "generate", "train", "cluster", "evaluate")
+COMMANDS = ("merge", "score", "generate", "train", "cluster", "evaluate", "export")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Keeps multi-line descriptions as written (wraps one-line ones) and appends
+    ``(default: X)`` to every option's help that has a default and does not state it."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            action.option_strings
+            and default is not None
+            and default is not False
+            and default is not argparse.SUPPRESS
+            and "%(default)" not in text
+            and "default" not in text.lower()
+        ):
+            if isinstance(default, list | tuple):
+                default = " ".join(map(str, default))
+                return f"{text} (default: {default})".strip()
+            return f"{text} (default: %(default)s)".strip()
+        return text
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("d2c-jax")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,21 +64,49 @@ def build_parser() -> argparse.ArgumentParser:
             "Compress a library of LoRA adapters into K multi-task adapters: "
             "merge, score, generate, train, cluster (random, kmeans, mbc, d2c) and evaluate."
         ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"d2c-jax {version()}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (also: environment D2C_DEBUG=1)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"d2c_jax.commands.{name}").add_parser(subparsers)
+    for sub in subparsers.choices.values():
+        sub.formatter_class = HelpFormatter
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    text = str(err)
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    if isinstance(err, UnicodeDecodeError):
+        text = f"not valid UTF-8 ({err.reason} at byte {err.start})"
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns at import that PyTorch is missing, which d2c never needs.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("D2C_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"d2c {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        if debug:
+            raise
+        print(f"d2c {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"d2c {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

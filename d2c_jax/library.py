@@ -481,18 +481,41 @@ class AdapterLibrary:
 # ------------------------------------------------------------------- PEFT writing
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 `text`; a killed run leaves the old file or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def finite_json(data: Any) -> Any:
+    """`data` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, Mapping):
+        return {k: finite_json(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite_json(v) for v in data]
+    return data
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented UTF-8 JSON; a killed run leaves the old file or none."""
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """Write `data` as indented UTF-8 JSON (NaN and Infinity as null); a killed run
+    leaves the old file or none."""
+    text = json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False)
+    write_text_atomic(path, text + "\n")
 
 
 def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False):
@@ -516,9 +539,7 @@ class _AtomicDirectory:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
         # mkdtemp makes the directory private (0700); give it the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)
+        self.tmp.chmod(0o777 & ~_umask())
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -526,12 +547,19 @@ class _AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.out_dir.exists():
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out_dir, old)
-            os.replace(self.tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.out_dir.exists() or self.out_dir.is_symlink():
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old.", dir=self.out_dir.parent)
+            )
+            os.replace(self.out_dir, old / "old")
+            try:
+                os.replace(self.tmp, self.out_dir)
+            except BaseException:
+                os.replace(old / "old", self.out_dir)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.out_dir)
         return False
@@ -587,6 +615,9 @@ def write_peft_files(
     if provenance:
         (directory / PROVENANCE_NAME).write_text(json.dumps(dict(provenance), indent=2) + "\n")
     save_file(tensors, str(directory / WEIGHTS_NAME))
+    # safetensors may create the file private (0600); give it the umask's mode (0644)
+    # like every other output.
+    (directory / WEIGHTS_NAME).chmod(0o666 & ~_umask())
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -40,7 +40,7 @@ import optax
 from tqdm.auto import tqdm
 
 from d2c_jax.examples import EncodedExamples, encode_examples
-from d2c_jax.library import LoraParams, save_peft_adapter
+from d2c_jax.library import LoraParams, finite_json, save_peft_adapter
 from d2c_jax.scoring import example_nll
 
 TRAIN_RECORD_NAME = "train_record.json"
@@ -331,7 +331,7 @@ def train_library(
         )
         # The record marks the adapter as finished; it is written last.
         tmp = adapter_dir / f".{TRAIN_RECORD_NAME}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.write_text(json.dumps(finite_json(record), indent=2, allow_nan=False) + "\n")
         tmp.replace(adapter_dir / TRAIN_RECORD_NAME)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         records[task] = record

@@ -141,8 +141,13 @@ def test_refuses_to_overwrite_and_checks_resume_settings(tiny_setup, tmp_path, c
     assert main(cluster_args(root, hf_dir, out, "--method", "random")) == 0
     assert main(cluster_args(root, hf_dir, out, "--method", "random")) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(cluster_args(root, hf_dir, out, "--method", "random", "--resume")) == 2
-    assert "no unfinished run" in capsys.readouterr().err
+    # A finished run is recognised by --resume (exit 0, nothing rewritten).
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(cluster_args(root, hf_dir, out, "--method", "random", "--resume")) == 0
+    assert "finished run" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert main(cluster_args(root, hf_dir, out, "--method", "kmeans", "--resume")) == 2
+    assert "other settings (['method'])" in capsys.readouterr().err
 
 
 def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):

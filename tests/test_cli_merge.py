@@ -121,11 +121,20 @@ def test_refuses_to_overwrite_unless_forced(library, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     flags = ["merge", "--adapters", str(library), "--out", str(out), "--method", "linear"]
+    # A directory that is not a previous merge output is never replaced, --force or not.
     assert main(flags) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "not a previous output of `d2c merge`" in capsys.readouterr().err
+    assert main([*flags, "--force"]) == 2
+    assert "not a previous output of `d2c merge`" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    # An empty directory is written into; a previous merge output needs --force.
+    assert main(flags) == 0
+    assert main(flags) == 2
+    assert "pass --force" in capsys.readouterr().err
     assert main([*flags, "--force"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"], "no leftovers beside OUT"
 
 
 def test_interrupted_write_leaves_no_output(library, tmp_path, monkeypatch):
@@ -137,8 +146,9 @@ def test_interrupted_write_leaves_no_output(library, tmp_path, monkeypatch):
 
     monkeypatch.setattr(d2c_jax.library, "write_peft_files", crash)
     out = tmp_path / "merged"
-    with pytest.raises(KeyboardInterrupt):
-        main(["merge", "--adapters", str(library), "--out", str(out), "--method", "linear"])
+    # Ctrl-C is reported as one line with exit status 130, not a traceback.
+    rc = main(["merge", "--adapters", str(library), "--out", str(out), "--method", "linear"])
+    assert rc == 130
     assert list(tmp_path.iterdir()) == []
 
 

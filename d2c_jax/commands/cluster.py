@@ -22,14 +22,26 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from d2c_jax.commands.checks import (
+    CommandError,
+    check_jsonl,
+    check_out,
+    correlation,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    read_json_object,
+)
 from d2c_jax.library import write_json_atomic
 
 SETTINGS_NAME = "settings.json"
 SEARCH_DIR = ".search"
+MANIFEST_NAME = "manifest.json"
 
 
 def add_parser(subparsers) -> None:
@@ -94,12 +106,24 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--max-iters",
-        type=int,
+        type=positive_int,
         default=d2c.max_iters,
         help=f"d2c: at most this many iterations (default: {d2c.max_iters})",
     )
     parser.add_argument(
-        "--tol", type=float, default=d2c.tol, help="minimum objective improvement of a move"
+        "--destinations",
+        type=nonnegative_int,
+        default=d2c.destinations,
+        metavar="M",
+        help="d2c sweep mode: score only each adapter's M most promising destination "
+        "clusters (ranked by its task's loss under each current merge); 0 = all "
+        f"(default: {d2c.destinations})",
+    )
+    parser.add_argument(
+        "--tol",
+        type=nonnegative_float,
+        default=d2c.tol,
+        help="minimum objective improvement of a move",
     )
     parser.add_argument(
         "--task-loss",
@@ -115,28 +139,34 @@ def add_parser(subparsers) -> None:
         help="score candidates after rank-r truncation (exact, slower)",
     )
     parser.add_argument(
-        "--candidates-per-call", type=int, default=8, help="memory bound of a scoring call"
+        "--candidates-per-call",
+        type=positive_int,
+        default=8,
+        help="memory bound of a scoring call",
     )
     parser.add_argument(
         "--screen-top",
-        type=int,
+        type=nonnegative_int,
         default=0,
         metavar="M",
         help="d2c best mode: score exactly only the M moves with the best first-order estimate "
         "(plus a random sample that checks the estimate's ranking); 0 = off (default)",
     )
     parser.add_argument(
-        "--screen-sample", type=int, default=16, help="moves scored at random to check screening"
+        "--screen-sample",
+        type=nonnegative_int,
+        default=16,
+        help="moves scored at random to check screening",
     )
     parser.add_argument(
         "--screen-min-corr",
-        type=float,
+        type=correlation,
         default=0.5,
         help="below this rank correlation on the sample an iteration scores every move exactly",
     )
     parser.add_argument(
         "--devices",
-        type=int,
+        type=positive_int,
         default=None,
         help="devices to split candidate scoring over (default: all visible devices)",
     )
@@ -150,11 +180,29 @@ def add_parser(subparsers) -> None:
         "three flags below are detected, elsewhere give them",
     )
     multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    multi.add_argument("--num-processes", type=int, default=None)
-    multi.add_argument("--process-id", type=int, default=None)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--resume", action="store_true", help="continue an unfinished run")
-    parser.add_argument("--force", action="store_true", help="replace an existing OUT")
+    multi.add_argument(
+        "--num-processes", type=positive_int, default=None, help="number of processes"
+    )
+    multi.add_argument(
+        "--process-id", type=nonnegative_int, default=None, help="this process's id, 0-based"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory (assignment.json, cluster_<k>/, log.jsonl, manifest.json)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an unfinished run in OUT (a finished one is reported and left as is)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it is a previous `d2c cluster` output (anything else is refused); "
+        "the old output is kept until the new one is complete",
+    )
     add_merge_arguments(parser, method_flag="--merge")
     # --seed (from the merge flags) seeds the clustering too: random and k-means++
     # initialisations, sweep order, and DARE's masks.
@@ -172,6 +220,7 @@ def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
         "init": args.init,
         "mode": args.mode,
         "max_iters": args.max_iters,
+        "destinations": args.destinations,
         "tol": args.tol,
         "task_loss": args.task_loss,
         "score_deployed": args.score_deployed,
@@ -183,25 +232,111 @@ def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
     }
 
 
-def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> None:
+def is_cluster_output(out: Path) -> bool:
+    """A directory `d2c cluster` wrote (finished: manifest; unfinished: saved settings)."""
+    manifest = read_json_object(out / MANIFEST_NAME)
+    if manifest is not None and {"settings", "k"} <= set(manifest):
+        return True
+    return (out / SEARCH_DIR / SETTINGS_NAME).is_file()
+
+
+def _finished_settings(out: Path) -> dict[str, Any] | None:
+    manifest = read_json_object(out / MANIFEST_NAME)
+    return None if manifest is None else manifest.get("settings")
+
+
+def _changed(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    return sorted(k for k in settings if previous.get(k) != settings[k])
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove hidden temporaries a killed write can leave in OUT (the search state
+    in .search/ is not one of them)."""
+    for path in out.glob(".*"):
+        if path.name == SEARCH_DIR:
+            continue
+        if path.is_dir() and path.name.startswith(".cluster_"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
+def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> str:
+    """Check OUT against the flags; returns "new", "resume", "finished" or "replace".
+
+    Nothing is written here: `_start_out` creates the run's state once every input
+    has been checked.
+    """
     saved = out / SEARCH_DIR / SETTINGS_NAME
-    if out.exists() and any(out.iterdir()):
-        if force:
-            shutil.rmtree(out)
-        elif resume:
-            if not saved.is_file():
-                raise ValueError(f"--resume: {out} holds no unfinished run ({saved} is missing)")
-            previous = json.loads(saved.read_text())
-            if previous != settings:
-                changed = sorted(k for k in settings if previous.get(k) != settings[k])
-                raise ValueError(f"--resume: settings differ from the saved run in {changed}")
-            return
-        else:
-            raise FileExistsError(
-                f"{out} is not empty; pass --resume to continue it or --force to replace it"
+    if not (out.exists() and any(out.iterdir())):
+        return "new"
+    if not is_cluster_output(out):
+        raise CommandError(
+            f"--out {out} is not empty and is not a previous `d2c cluster` output; "
+            "refusing to touch it (choose another --out)"
+        )
+    if force:
+        return "replace"
+    if not resume:
+        raise FileExistsError(
+            f"{out} is not empty; pass --resume to continue it or --force to replace it"
+        )
+    finished = _finished_settings(out)
+    if finished is not None:
+        if finished != settings:
+            raise CommandError(
+                f"--resume: {out} holds a finished run with other settings "
+                f"({_changed(finished, settings)}); pass --force to replace it"
             )
-    (out / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, settings)
+        return "finished"
+    previous = read_json_object(saved)
+    if previous is None:
+        raise CommandError(
+            f"--resume: {out} holds no unfinished run ({saved} is missing or not JSON); "
+            "pass --force to start again"
+        )
+    if previous != settings:
+        raise CommandError(
+            f"--resume: settings differ from the saved run in {_changed(previous, settings)}"
+        )
+    return "resume"
+
+
+def _start_out(out: Path, settings: dict[str, Any], state: str) -> Path | None:
+    """Create OUT's run state. With "replace" the old output is moved aside first;
+    returns where it went (put back if the run fails, deleted when it succeeds)."""
+    aside = None
+    if state == "replace":
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced.", dir=out.parent))
+        os.replace(out, aside / out.name)
+    if state != "resume":
+        (out / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / SEARCH_DIR / SETTINGS_NAME, settings)
+    return aside
+
+
+def _undo_out(out: Path, state: str, aside: Path | None, existed: bool) -> None:
+    """After a failed run: remove what it created and put a replaced output back.
+
+    A search that saved checkpoints is kept for ``--resume``.
+    """
+    if not out.is_dir():
+        return
+    remove_leftovers(out)
+    if aside is not None:  # --force: the new run failed, the old output comes back
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(aside / out.name, out)
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    checkpoints = out / SEARCH_DIR / "ckpt"
+    if state == "resume" or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    if existed:
+        shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)  # OUT was an empty directory
+        for path in list(out.iterdir()):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    else:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,6 +354,7 @@ def run(args: argparse.Namespace) -> int:
     writer = jax.process_index() == 0
     from d2c_jax import cluster as clustering
     from d2c_jax import tasks as task_suite
+    from d2c_jax.adapters import check_adapter_for_base
     from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
     from d2c_jax.cluster.output import save_clusters
     from d2c_jax.commands.merge_args import merge_config_from_args
@@ -233,10 +369,22 @@ def run(args: argparse.Namespace) -> int:
     examples_dir = args.examples or task_suite.suite_dir()
     args.library, args.examples = library_dir, examples_dir
     settings = _settings(args, merge_config)
+    if args.examples is not None and not Path(args.examples).is_dir():
+        raise CommandError(f"--examples {args.examples}: no such directory")
+    base_path = None if str(args.base) == "default" else args.base
+    out = check_out(
+        args.out,
+        kind="dir",
+        inputs=[("--library", library_dir), ("--examples", examples_dir), ("--base", base_path)],
+    )
+    state = _prepare_out(out, settings, args.resume, args.force) if writer else "new"
     library = AdapterLibrary.load(library_dir)
     k = clustering.resolve_budget(args.budget, library)
-    if writer:
-        _prepare_out(args.out, settings, args.resume, args.force)
+    if state == "finished":
+        remove_leftovers(out)
+        shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)
+        print(f"{out} holds a finished run with these settings; nothing to do")
+        return 0
 
     wants_objective = args.method == "d2c" or args.examples is not None
     objective = None
@@ -246,12 +394,10 @@ def run(args: argparse.Namespace) -> int:
         for name in library.names:
             path = Path(examples_dir) / name / f"{args.split}.jsonl"
             if path.is_file():
+                check_jsonl(path, "--examples")
                 examples[name] = read_examples(path)
         base = load_base(args.base)
-        if library.base_model not in (None, base.name):
-            raise ValueError(
-                f"{library_dir}: adapters are for {library.base_model!r}, base is {base.name!r}"
-            )
+        check_adapter_for_base(base, library)
         objective = DevObjective(
             base,
             library,
@@ -264,12 +410,65 @@ def run(args: argparse.Namespace) -> int:
             ),
         )
 
+    if not writer:
+        _search(args, library, k, objective, out)
+        return 0
+    existed = out.exists()
+    aside = _start_out(out, settings, state)
+    try:
+        if state == "resume":
+            remove_leftovers(out)
+        method, result, seconds, dev_objective = _search(args, library, k, objective, out)
+        save_clusters(out, library, result.assign, merge_config)
+        tmp_log = out / ".log.jsonl.tmp"
+        tmp_log.write_text("".join(json.dumps(entry) + "\n" for entry in result.log))
+        os.replace(tmp_log, out / "log.jsonl")
+        manifest = {
+            "settings": settings,
+            "k": k,
+            "num_adapters": library.num_adapters,
+            "method_settings": dataclasses.asdict(method),
+            "dev_objective": dev_objective,
+            "info": result.info,
+            "seconds": seconds,
+            "storage": {
+                "merged_bytes_bf16": k * library.adapter_bytes(),
+                "library_bytes_bf16": library.storage_bytes(),
+                "fraction": k / library.num_adapters,
+            },
+            "versions": versions(),
+        }
+        # The manifest marks the run as finished (a killed run with a manifest is
+        # recognised by --resume); the search state goes after it.
+        write_json_atomic(out / MANIFEST_NAME, manifest)
+    except BaseException:
+        _undo_out(out, state, aside, existed)
+        raise
+    shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)
+    remove_leftovers(out)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    print(
+        f"{args.method}: K={k} of N={library.num_adapters}, dev objective "
+        f"{dev_objective if dev_objective is None else f'{dev_objective:.4f}'}, "
+        f"{seconds:.1f} s -> {out}"
+    )
+    return 0
+
+
+def _search(args: argparse.Namespace, library, k: int, objective, out: Path):
+    """Run the clustering method: ``(method, result, seconds, dev objective)``."""
+    import jax
+
+    from d2c_jax import cluster as clustering
+
     start = time.perf_counter()
     if args.method == "d2c":
         method = clustering.D2CClustering(
             init=args.init,
             mode=args.mode,
             max_iters=args.max_iters,
+            destinations=args.destinations,
             tol=args.tol,
             task_loss=args.task_loss,
             screen_top=args.screen_top,
@@ -282,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
             k,
             args.seed,
             objective,
-            checkpoint_dir=args.out / SEARCH_DIR / "ckpt" if single else None,
+            checkpoint_dir=out / SEARCH_DIR / "ckpt" if single else None,
         )
     else:
         method = clustering.METHODS[args.method]()
@@ -292,36 +491,7 @@ def run(args: argparse.Namespace) -> int:
     if dev_objective is None and objective is not None:
         masks = clustering.membership_mask(result.assign, k)
         dev_objective = float(objective.task_losses(masks).sum() / library.num_adapters)
-
-    if not writer:
-        return 0
-    save_clusters(args.out, library, result.assign, merge_config)
-    tmp_log = args.out / ".log.jsonl.tmp"
-    tmp_log.write_text("".join(json.dumps(entry) + "\n" for entry in result.log))
-    os.replace(tmp_log, args.out / "log.jsonl")
-    manifest = {
-        "settings": settings,
-        "k": k,
-        "num_adapters": library.num_adapters,
-        "method_settings": dataclasses.asdict(method),
-        "dev_objective": dev_objective,
-        "info": result.info,
-        "seconds": seconds,
-        "storage": {
-            "merged_bytes_bf16": k * library.adapter_bytes(),
-            "library_bytes_bf16": library.storage_bytes(),
-            "fraction": k / library.num_adapters,
-        },
-        "versions": versions(),
-    }
-    write_json_atomic(args.out / "manifest.json", manifest)
-    shutil.rmtree(args.out / SEARCH_DIR, ignore_errors=True)
-    print(
-        f"{args.method}: K={k} of N={library.num_adapters}, dev objective "
-        f"{dev_objective if dev_objective is None else f'{dev_objective:.4f}'}, "
-        f"{seconds:.1f} s -> {args.out}"
-    )
-    return 0
+    return method, result, seconds, dev_objective
 
 
 def versions() -> dict[str, str]:

@@ -23,6 +23,14 @@ import argparse
 import time
 from pathlib import Path
 
+from d2c_jax.commands.checks import (
+    CommandError,
+    check_jsonl,
+    check_out,
+    positive_int,
+    read_json_object,
+    replaceable,
+)
 from d2c_jax.commands.merge_args import add_merge_arguments
 from d2c_jax.library import write_json_atomic
 from d2c_jax.merging import DEFAULT_MERGE
@@ -68,16 +76,29 @@ def add_parser(subparsers) -> None:
         "so scores on it are not held out and it cannot be evaluated",
     )
     parser.add_argument(
-        "--limit", type=int, default=None, help="evaluate the first N examples of each task"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="evaluate the first N examples of each task (default: all)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=50, help="prompts per generate call")
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=32, help="greedy decoding length limit"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=50, help="prompts per generate call"
+    )
     parser.add_argument(
         "--no-relative",
         action="store_true",
         help="skip the single adapters (no relative score)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="JSON file to write; an existing file is replaced only if it is a previous "
+        "`d2c evaluate` output",
+    )
     add_merge_arguments(parser, method_flag="--merge")
     parser.set_defaults(func=run)
 
@@ -140,15 +161,28 @@ def run(args: argparse.Namespace) -> int:
     )
     from d2c_jax.library import AdapterLibrary, embedded_library_dir
     from d2c_jax.models import load_base
-    from d2c_jax.tasks import load_split
+    from d2c_jax.tasks import load_split, suite_dir
 
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    start = time.perf_counter()
+    if not args.assignment.exists():
+        raise CommandError(f"--assignment {args.assignment}: no such file or directory")
+    if args.tasks is not None and not args.tasks.is_dir():
+        raise CommandError(f"--tasks {args.tasks}: no such directory")
     needs_library = not args.no_relative or not args.assignment.is_dir()
+    library_dir = (args.library or embedded_library_dir()) if needs_library else args.library
+    check_out(
+        args.out,
+        kind="file",
+        inputs=[
+            ("--assignment", args.assignment),
+            ("--library", library_dir),
+            ("--tasks", args.tasks or suite_dir()),
+            ("--base", None if args.base == "default" else args.base),
+        ],
+    )
+    replaceable(args.out, command="evaluate", is_output=is_evaluate_output, force=None)
+    start = time.perf_counter()
     library = None
     if needs_library:
-        library_dir = args.library or embedded_library_dir()
         library = AdapterLibrary.load(library_dir)
     base = load_base(args.base)
     if library is not None:
@@ -156,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     assignment, adapters, how = resolve_adapters(args, base, library)
     # Fail on a missing split before minutes of generation, naming the task.
     for task in assignment:
+        check_jsonl(Path(args.tasks or suite_dir()) / task / f"{args.split}.jsonl", "--tasks")
         load_split(args.tasks, task, args.split)
     settings = dict(
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, limit=args.limit
@@ -212,3 +247,9 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"{line}\n-> {args.out}")
     return 0
+
+
+def is_evaluate_output(path: Path) -> bool:
+    """A JSON file `d2c evaluate` wrote."""
+    record = read_json_object(path)
+    return record is not None and record.get("command") == "d2c evaluate"

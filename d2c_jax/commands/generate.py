@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from d2c_jax.commands.checks import positive_int
 from d2c_jax.commands.score import add_base_arguments, load_base_and_adapter
 
 
@@ -26,7 +27,9 @@ def add_parser(subparsers) -> None:
         metavar="TEXT",
         help="a prompt (repeat for several; they are decoded as one batch)",
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="stop after this many tokens"
+    )
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     parser.add_argument("--json", action="store_true", help="print a JSON list of outputs")
     parser.set_defaults(func=run)

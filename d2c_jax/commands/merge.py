@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from d2c_jax.commands.checks import check_out, read_json_object, replaceable
 from d2c_jax.commands.merge_args import add_merge_arguments, merge_config_from_args
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -38,7 +39,11 @@ def add_parser(subparsers) -> None:
         default="float32",
         help="dtype of the written factors (default: %(default)s)",
     )
-    parser.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace OUT if it is a previous `d2c merge` output (anything else is refused)",
+    )
     add_merge_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -50,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax.merging import merge
 
     config = merge_config_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ValueError(f"--out {out} already exists; pass --force to replace it")
+    out = check_out(args.out, kind="dir", inputs=[("--adapters", p) for p in args.adapters])
+    force = replaceable(out, command="merge", is_output=is_merge_output, force=args.force)
     start = time.perf_counter()
     source = args.adapters[0] if len(args.adapters) == 1 else args.adapters
     library = AdapterLibrary.load(source)
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         "source_ranks": list(library.ranks),
         "source_scales": [float(s) for s in library.scale],
     }
-    with atomic_directory(out, overwrite=args.force) as tmp:
+    with atomic_directory(out, overwrite=force) as tmp:
         write_peft_files(
             tmp,
             one,
@@ -90,3 +94,16 @@ def run(args: argparse.Namespace) -> int:
         f"(rank {library.rank}, {args.dtype}) in {seconds:.1f} s"
     )
     return 0
+
+
+def is_merge_output(path: Path) -> bool:
+    """A directory `d2c merge` wrote: PEFT files plus its provenance record."""
+    from d2c_jax.library import CONFIG_NAME, PROVENANCE_NAME
+
+    record = read_json_object(path / PROVENANCE_NAME)
+    return (
+        path.is_dir()
+        and (path / CONFIG_NAME).is_file()
+        and record is not None
+        and {"merge", "sources"} <= set(record)
+    )

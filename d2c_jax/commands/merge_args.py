@@ -30,6 +30,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--m
     ``--method`` being the clustering method); its value lands in
     ``args.merge_method`` either way.
     """
+    from d2c_jax.commands.checks import finite_float, fraction
+
     group = parser.add_argument_group(
         "merge", "how adapters are merged (see kernels/merge.py for exact semantics)"
     )
@@ -50,15 +52,15 @@ def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--m
     )
     group.add_argument(
         "--density",
-        type=float,
+        type=fraction,
         default=None,
-        help="fraction of entries kept: top-|x| for ties and magnitude_prune, keep probability "
-        "for dare_*; required by those methods, not accepted by linear / task_arithmetic "
-        "(the TIES paper uses 0.2)",
+        help="fraction of entries kept, in (0, 1]: top-|x| for ties and magnitude_prune, "
+        "keep probability for dare_*; required by those methods, not accepted by linear / "
+        "task_arithmetic (the TIES paper uses 0.2)",
     )
     group.add_argument(
         "--weights",
-        type=float,
+        type=finite_float,
         nargs="+",
         default=None,
         metavar="W",
@@ -96,7 +98,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--m
     group.add_argument(
         "--lambda",
         dest="lam",
-        type=float,
+        type=finite_float,
         default=1.0,
         metavar="L",
         help="multiplies the merged task vector (default: %(default)s)",

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from d2c_jax.commands.checks import (
+    check_jsonl,
+    check_out,
+    json_dumps_strict,
+    positive_int,
+    read_json_object,
+    replaceable,
+)
+from d2c_jax.library import write_text_atomic
 
 DTYPES = ("float32", "bfloat16")
 
@@ -58,15 +67,30 @@ def add_parser(subparsers) -> None:
             "loss is the mean negative log-likelihood of its target tokens and the eos token "
             "(prompt tokenized with the tokenizer's special tokens, target without). Prints "
             '(or writes with --out) {"per_example_nll": [...], "mean_nll": x}, where '
-            "mean_nll is the unweighted mean over examples."
+            "mean_nll is the unweighted mean over examples. Document start: when the "
+            "tokenizer adds no special token itself (SmolLM2), every prompt is preceded by "
+            "<|endoftext|> (or the bos token), so the first prompt token has context; the "
+            "output's prompt_prefix_tokens records what was prepended."
         ),
     )
     add_base_arguments(parser)
-    parser.add_argument("--examples", type=Path, required=True, metavar="FILE.jsonl")
-    parser.add_argument("--out", type=Path, metavar="FILE.json", help="write the JSON here")
+    parser.add_argument(
+        "--examples",
+        type=Path,
+        required=True,
+        metavar="FILE.jsonl",
+        help='UTF-8 JSONL, one {"prompt": str, "target": str} per line',
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE.json",
+        help="write the JSON here (default: print it); an existing file is replaced only "
+        "if it is a previous `d2c score` output",
+    )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=16,
         help="examples per forward pass (default: %(default)s)",
     )
@@ -79,9 +103,13 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax.examples import encode_examples, read_examples
     from d2c_jax.scoring import score_examples
 
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
+    inputs = [("--examples", args.examples), ("--adapter", args.adapter)]
+    inputs.append(("--base", None if args.base == "default" else args.base))
+    if args.out is not None:
+        check_out(args.out, kind="file", inputs=inputs)
+        replaceable(args.out, command="score", is_output=is_score_output, force=None)
     start = time.perf_counter()
+    check_jsonl(args.examples, "--examples")
     examples = read_examples(args.examples)
     base, adapter, scale = load_base_and_adapter(args)
     encoded = encode_examples(base, examples)
@@ -94,14 +122,12 @@ def run(args: argparse.Namespace) -> int:
         "base": base.name,
         "adapter": str(args.adapter) if args.adapter else None,
         "dtype": args.dtype,
+        "prompt_prefix_tokens": prompt_prefix_tokens(base.tokenizer),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    text = json.dumps(result, indent=2)
+    text = json_dumps_strict(result, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(args.out)
+        write_text_atomic(args.out, text + "\n")
         print(
             f"mean_nll {result['mean_nll']:.4f} over {len(examples)} examples -> {args.out}",
             file=sys.stderr,
@@ -109,3 +135,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
+
+
+def is_score_output(path: Path) -> bool:
+    """A JSON file `d2c score` wrote."""
+    record = read_json_object(path)
+    return record is not None and {"per_example_nll", "mean_nll"} <= set(record)
+
+
+def prompt_prefix_tokens(tokenizer) -> list[str]:
+    """The tokens the tokenizer puts before every prompt (the document start)."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return list(tokenizer.convert_ids_to_tokens(ids))

@@ -67,6 +67,9 @@ __all__ = [
     "logits_from_hidden",
     "init_weights",
     "ensure_document_start",
+    "KNOWN_BASES",
+    "same_base_model",
+    "weights_fingerprint",
 ]
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -86,6 +89,10 @@ class BaseModel:
       name: model identity used to check adapters (``base_model_name_or_path``),
         e.g. ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` for the default.
       source: where it was loaded from (``"default"``, a directory or a file).
+      fingerprint: `weights_fingerprint` of the weights (None for models built in
+        memory); a base whose fingerprint is a known one (`KNOWN_BASES`) is named by
+        that base's name, so the embedded default, its GGUF by path and an HF copy
+        of the same weights are the same base model (see `same_base_model`).
 
     `BaseModel` is a pytree whose only leaves are the model's weights (tokenizer,
     name and source are static), so it can be passed as an argument of ``jax.jit``
@@ -93,20 +100,28 @@ class BaseModel:
     the adapter argument only and the base stays frozen.
     """
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer: Any, name: str, source: str):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: Any,
+        name: str,
+        source: str,
+        fingerprint: str | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.source = source
+        self.fingerprint = fingerprint
 
     def tree_flatten(self):
-        return (self.model,), (self.tokenizer, self.name, self.source)
+        return (self.model,), (self.tokenizer, self.name, self.source, self.fingerprint)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
         obj.model = children[0]
-        obj.tokenizer, obj.name, obj.source = aux
+        obj.tokenizer, obj.name, obj.source, obj.fingerprint = aux
         return obj
 
     @property
@@ -160,6 +175,69 @@ def ensure_document_start(tokenizer):
         special_tokens=[(start, vocab[start])],
     )
     return tokenizer
+
+
+# ----------------------------------------------------------------- identity
+
+# Weight fingerprints of base models known by name (`weights_fingerprint`): the
+# embedded default, dequantized from its Q4_1 GGUF (tests/test_bad_input.py checks
+# this value against the file).
+KNOWN_BASES: dict[str, str] = {
+    "459b405f8df5d5bb": DEFAULT_MODEL_NAME,
+}
+
+_FINGERPRINT_SAMPLES = 4096
+# Architecture fields that tensor shapes do not already pin down.
+_FINGERPRINT_FIELDS = (
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rope_theta",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+)
+
+
+def weights_fingerprint(config: LlamaConfig, weights: Weights) -> str:
+    """A short hash of a base model's architecture, tensor shapes and weight values.
+
+    Values are rounded to bfloat16 first, so float32 and bfloat16 copies of the same
+    weights agree; each tensor contributes an evenly strided sample of at most 4096
+    values (enough to tell different models apart, cheap to compute).
+    """
+    import ml_dtypes
+
+    hf = config.to_hf()
+    arch = {k: hf.get(k) for k in _FINGERPRINT_FIELDS}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
+    for key, value in sorted(_flatten(weights).items()):
+        array = np.asarray(value)
+        flat = array.reshape(-1)
+        step = max(1, flat.size // _FINGERPRINT_SAMPLES)
+        sample = np.asarray(flat[::step][:_FINGERPRINT_SAMPLES], dtype=np.float32)
+        digest.update(f"{key}:{array.shape}".encode())
+        digest.update(sample.astype(ml_dtypes.bfloat16).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _normalized_name(name: str) -> str:
+    return Path(str(name).rstrip("/")).name.lower().removesuffix(".gguf")
+
+
+def same_base_model(base: BaseModel, recorded: str | None) -> bool:
+    """Whether an adapter recorded for base model `recorded` is for `base`.
+
+    The one rule every command uses: True if nothing is recorded, or if `recorded`
+    names `base` (its name, its source path, or the name of a known base whose
+    weights fingerprint `base` has), compared by last path component,
+    case-insensitively, without ``.gguf``. Shapes are checked separately.
+    """
+    if not recorded:
+        return True
+    names = {base.name, base.source}
+    fingerprint = getattr(base, "fingerprint", None)
+    if fingerprint in KNOWN_BASES:
+        names.add(KNOWN_BASES[fingerprint])
+    return _normalized_name(recorded) in {_normalized_name(n) for n in names if n}
 
 
 # ----------------------------------------------------------------- locating
@@ -292,14 +370,26 @@ def load_base(spec: str | os.PathLike = "default", dtype=jnp.float32) -> BaseMod
         config, weights, tokenizer, name = _load_gguf(default_gguf_path(), DEFAULT_MODEL_NAME)
     else:
         path = Path(spec_str).expanduser()
+        expected = (
+            "expected 'default', a Hugging Face model directory (config.json + "
+            "*.safetensors + tokenizer.json) or a .gguf file"
+        )
         if path.is_file() and path.suffix.lower() == ".gguf":
             config, weights, tokenizer, name = _load_gguf(path, None)
         elif path.is_dir() and (path / "config.json").is_file():
             config, weights, tokenizer, name = _load_hf(path)
+        elif path.is_dir():
+            raise FileNotFoundError(
+                f"base model {spec_str!r}: directory has no config.json; {expected}"
+            )
+        elif path.exists():
+            raise ValueError(f"base model {spec_str!r} is not a .gguf file; {expected}")
         else:
             raise FileNotFoundError(
-                f"base model {spec_str!r} not found: expected 'default', a Hugging Face model "
-                "directory (config.json + *.safetensors + tokenizer.json) or a .gguf file"
+                f"base model {spec_str!r}: no such file or directory; {expected}"
             )
+    fingerprint = weights_fingerprint(config, weights)
+    if fingerprint in KNOWN_BASES:
+        name = KNOWN_BASES[fingerprint]  # e.g. the embedded default's GGUF by path
     model = LlamaForCausalLM(config, weights, dtype=dtype)
-    return BaseModel(model, tokenizer, name=name, source=spec_str)
+    return BaseModel(model, tokenizer, name=name, source=spec_str, fingerprint=fingerprint)

@@ -1,0 +1,349 @@
+# ruff: noqa: E501  (the corpus keeps one case per line)
+"""Bad input never hurts: a corpus of bad or unusual `d2c` invocations.
+
+Every case of `CASES` runs `d2c_jax.cli.main` in-process on a tiny model, library,
+example files and previous outputs under one directory, and asserts: a non-zero
+exit, exactly one ``error:`` line on stderr naming the file or argument (the case's
+expected text), no traceback, nothing created in or beside OUT, and every input
+unchanged (paths, modes and content hashes of the whole tree before and after).
+
+Below the corpus: recovery (a failed cluster run cleans up, killed runs resume to the
+files of an uninterrupted one, --force replaces only its own output and restores it
+on failure), the one "same base model" rule, and the friendly-CLI checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from d2c_jax.cli import main
+from tests.conftest import save_random_library
+
+TASKS = ("t0", "t1", "t2", "t3")
+
+
+# --------------------------------------------------------------------- fixtures
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_hf_dir, tiny_config):
+    """Everything a case may read: base, library, examples, task suite, outputs."""
+    root = tmp_path_factory.mktemp("bad_input")
+    shutil.copytree(tiny_hf_dir, root / "base")
+    save_random_library(root / "library", tiny_config, TASKS, seed=3, std=0.2)
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "sun", "sky", "tree"]
+    for task in TASKS:
+        for split, n in (("dev", 3), ("test", 3), ("train", 8)):
+            rows = [
+                {"prompt": f"{task} {rng.choice(words)}", "target": str(rng.choice(words))}
+                for _ in range(n)
+            ]
+            _write_jsonl(root / "examples" / task / f"{split}.jsonl", rows)
+    _write_jsonl(root / "score.jsonl", [{"prompt": "a", "target": "b"}] * 2)
+    # Previous outputs of merge and cluster, for --force cases.
+    adapters = [str(root / "library" / t) for t in TASKS]
+    merge = ["merge", "--adapters", *adapters, "--method", "linear", "--out"]
+    assert main([*merge, str(root / "merged")]) == 0
+    assert main(cluster_args(root, root / "clustered", "--method", "random")) == 0
+    (root / "plain.txt").write_text("not an output\n")
+    (root / "notes").mkdir()
+    (root / "notes" / "keep.txt").write_text("keep me\n")
+    (root / "foreign.json").write_text('{"something": "else"}\n')
+    return root
+
+
+def cluster_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "cluster",
+        "--base",
+        str(root / "base"),
+        "--library",
+        str(root / "library"),
+        "--examples",
+        str(root / "examples"),
+        "--budget",
+        "2",
+        "--merge",
+        "ties",
+        "--density",
+        "0.5",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def tree_state(root: Path) -> dict[str, tuple]:
+    """{relative path: (mode, sha256 or 'dir')} of everything under root."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_dir():
+            state[rel] = (mode, "dir")
+        else:
+            state[rel] = (mode, hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        rc = main(argv)
+    except SystemExit as exit_:  # argparse
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------- corpus
+# (id, argv with {R} = the world root, expected text of the error line, setup or None)
+# A setup gets the root and returns nothing; it runs before the "before" snapshot.
+
+
+def _bad_utf8(path: str):
+    def setup(root: Path) -> None:
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(
+            b'{"prompt": "a", "target": "b"}\n{"prompt": "\xff\xfe", "target": "x"}\n'
+        )
+
+    return setup
+
+
+def _write(path: str, text: str):
+    def setup(root: Path) -> None:
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    return setup
+
+
+def _copy_base(name: str, *, config: dict | None = None, drop: str | None = None):
+    def setup(root: Path) -> None:
+        target = root / name
+        if target.exists():
+            return
+        shutil.copytree(root / "base", target)
+        if config is not None:
+            data = json.loads((target / "config.json").read_text())
+            data.update(config)
+            (target / "config.json").write_text(json.dumps(data))
+        if drop:
+            (target / drop).unlink()
+
+    return setup
+
+
+def _nan_adapter(root: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    target = root / "nan_adapter"
+    if target.exists():
+        return
+    shutil.copytree(root / "library" / "t0", target)
+    tensors = load_file(str(target / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].copy()
+    tensors[key].flat[0] = np.nan
+    save_file(tensors, str(target / "adapter_model.safetensors"))
+
+
+def _corrupt_settings(root: Path) -> None:
+    out = root / "half_run"
+    (out / ".search").mkdir(parents=True, exist_ok=True)
+    (out / ".search" / "settings.json").write_text("{not json")
+
+
+LIB = ["--adapters", "{R}/library"]
+MERGE = ["merge", *LIB, "--method", "ties", "--density", "0.5"]
+SCORE = ["score", "--base", "{R}/base", "--examples", "{R}/score.jsonl"]
+GEN = ["generate", "--base", "{R}/base", "--prompt", "hi"]
+TRAIN = ["train", "--base", "{R}/base", "--tasks", "{R}/examples", "--max-steps", "1"]
+EVAL = ["evaluate", "--base", "{R}/base", "--library", "{R}/library", "--tasks", "{R}/examples"]
+EVAL_DIR = [*EVAL, "--assignment", "{R}/clustered"]
+CLUSTER = cluster_args(Path("{R}"), Path("{R}/cl_out"), "--method", "random")
+
+
+def _with(argv: list[str], flag: str, value: str | None) -> list[str]:
+    """argv with `flag`'s value replaced (or the flag added)."""
+    argv = list(argv)
+    if flag in argv:
+        i = argv.index(flag)
+        if value is None:
+            del argv[i : i + 2]
+        else:
+            argv[i + 1] = value
+    elif value is not None:
+        argv += [flag, value]
+    return argv
+
+
+CASES = [
+    # ---- merge: never destroy input
+    ("merge-out-is-library-force", [*MERGE, "--out", "{R}/library", "--force"], "is the input --adapters", None),
+    ("merge-out-is-library", [*MERGE, "--out", "{R}/library"], "is the input --adapters", None),
+    ("merge-out-inside-library", [*MERGE, "--out", "{R}/library/t0/m", "--force"], "is inside the input --adapters", None),
+    ("merge-out-contains-library", [*MERGE, "--out", "{R}", "--force"], "contains the input --adapters", None),
+    ("merge-out-is-one-adapter", ["merge", "--adapters", "{R}/library/t0", "{R}/library/t1", "--method", "linear", "--out", "{R}/library/t1", "--force"], "is the input --adapters", None),
+    ("merge-out-foreign-dir-force", [*MERGE, "--out", "{R}/notes", "--force"], "not a previous output of `d2c merge`", None),
+    ("merge-out-previous-no-force", [*MERGE, "--out", "{R}/merged"], "pass --force", None),
+    ("merge-out-existing-file", [*MERGE, "--out", "{R}/plain.txt"], "is an existing file", None),
+    ("merge-out-existing-file-force", [*MERGE, "--out", "{R}/plain.txt", "--force"], "is an existing file", None),
+    ("merge-out-below-file", [*MERGE, "--out", "{R}/plain.txt/merged"], "is a file, not a directory", None),
+    ("merge-out-unwritable", [*MERGE, "--out", "/proc/d2c-test-out"], "cannot write in /proc", None),
+    # ---- merge: arguments
+    ("merge-density-0", _with(MERGE, "--density", "0") + ["--out", "{R}/m"], "argument --density: must be in (0, 1]", None),
+    ("merge-density-negative", _with(MERGE, "--density", "-0.1") + ["--out", "{R}/m"], "argument --density", None),
+    ("merge-density-above-1", _with(MERGE, "--density", "1.5") + ["--out", "{R}/m"], "argument --density", None),
+    ("merge-density-nan", _with(MERGE, "--density", "nan") + ["--out", "{R}/m"], "argument --density", None),
+    ("merge-density-text", _with(MERGE, "--density", "half") + ["--out", "{R}/m"], "argument --density: expected a number", None),
+    ("merge-density-missing", _with(MERGE, "--density", None) + ["--out", "{R}/m"], "--density is required", None),
+    ("merge-density-for-linear", ["merge", *LIB, "--method", "linear", "--density", "0.5", "--out", "{R}/m"], "--density does not apply", None),
+    ("merge-lambda-inf", [*MERGE, "--lambda", "inf", "--out", "{R}/m"], "argument --lambda", None),
+    ("merge-weights-nan", [*MERGE, "--weights", "1", "nan", "1", "1", "--out", "{R}/m"], "argument --weights", None),
+    ("merge-weights-count", [*MERGE, "--weights", "1", "2", "--out", "{R}/m"], "--weights has 2 values for 4 adapters", None),
+    ("merge-unknown-method", ["merge", *LIB, "--method", "average", "--out", "{R}/m"], "argument --method", None),
+    ("merge-adapters-missing", ["merge", "--adapters", "{R}/nope", "--method", "linear", "--out", "{R}/m"], "nope", None),
+    ("merge-adapter-config-corrupt", ["merge", "--adapters", "{R}/badcfg", "--method", "linear", "--out", "{R}/m"], "adapter_config.json: not valid JSON", _write("badcfg/x/adapter_config.json", "{oops")),
+    ("merge-adapter-nan", ["merge", "--adapters", "{R}/nan_adapter", "{R}/library/t1", "--method", "linear", "--out", "{R}/m"], "NaN", _nan_adapter),
+    ("merge-empty-library", ["merge", "--adapters", "{R}/notes", "--method", "linear", "--out", "{R}/m"], "no adapter directories", None),
+    # ---- score
+    ("score-examples-missing", _with(SCORE, "--examples", "{R}/nope.jsonl"), "--examples {R}/nope.jsonl: no such file", None),
+    ("score-examples-dir", _with(SCORE, "--examples", "{R}/examples"), "is a directory", None),
+    ("score-examples-not-utf8", _with(SCORE, "--examples", "{R}/latin1.jsonl"), "latin1.jsonl:2: not valid UTF-8", _bad_utf8("latin1.jsonl")),
+    ("score-examples-bad-json", _with(SCORE, "--examples", "{R}/broken.jsonl"), "broken.jsonl:2: malformed JSON", _write("broken.jsonl", '{"prompt": "a", "target": "b"}\n{"prompt": \n')),
+    ("score-examples-no-target", _with(SCORE, "--examples", "{R}/notarget.jsonl"), "notarget.jsonl:1: missing 'target'", _write("notarget.jsonl", '{"prompt": "a"}\n')),
+    ("score-examples-empty", _with(SCORE, "--examples", "{R}/empty.jsonl"), "empty.jsonl: no examples", _write("empty.jsonl", "\n\n")),
+    ("score-out-is-examples", [*SCORE, "--out", "{R}/score.jsonl"], "is the input --examples", None),
+    ("score-out-is-dir", [*SCORE, "--out", "{R}/notes"], "is a directory; give a file path", None),
+    ("score-out-below-file", [*SCORE, "--out", "{R}/plain.txt/s.json"], "is a file, not a directory", None),
+    ("score-out-foreign-file", [*SCORE, "--out", "{R}/foreign.json"], "not a previous output of `d2c score`", None),
+    ("score-out-unwritable", [*SCORE, "--out", "/proc/d2c-score.json"], "cannot write in /proc", None),
+    ("score-out-inside-base", [*SCORE, "--out", "{R}/base/s.json"], "is inside the input --base", None),
+    ("score-out-inside-adapter", [*SCORE, "--adapter", "{R}/library/t0", "--out", "{R}/library/t0/s.json"], "is inside the input --adapter", None),
+    ("score-batch-size-0", [*SCORE, "--batch-size", "0"], "argument --batch-size: must be an integer >= 1", None),
+    ("score-dtype-float64", [*SCORE, "--dtype", "float64"], "argument --dtype", None),
+    ("score-base-missing", _with(SCORE, "--base", "{R}/nope"), "no such file or directory", None),
+    ("score-base-no-config", _with(SCORE, "--base", "{R}/base_noconfig"), "has no config.json", _copy_base("base_noconfig", drop="config.json")),
+    ("score-base-not-gguf", _with(SCORE, "--base", "{R}/plain.txt"), "is not a .gguf file", None),
+    ("score-base-corrupt-gguf", _with(SCORE, "--base", "{R}/fake.gguf"), "not a readable GGUF", _write("fake.gguf", "GGUF but not really")),
+    ("score-adapter-missing", [*SCORE, "--adapter", "{R}/nope"], "nope", None),
+    ("score-adapter-other-base", [*_with(SCORE, "--base", "{R}/other_base"), "--adapter", "{R}/library/t0"], "'tiny-llama'", _copy_base("other_base", config={"_name_or_path": "someone/other-model"})),
+    # ---- generate
+    ("generate-max-new-tokens-0", [*GEN, "--max-new-tokens", "0"], "argument --max-new-tokens", None),
+    ("generate-max-new-tokens-negative", [*GEN, "--max-new-tokens", "-3"], "argument --max-new-tokens", None),
+    ("generate-no-prompt", ["generate", "--base", "{R}/base"], "--prompt", None),
+    ("generate-base-missing", _with(GEN, "--base", "{R}/nope"), "no such file or directory", None),
+    ("generate-adapter-missing", [*GEN, "--adapter", "{R}/nope"], "nope", None),
+    # ---- train
+    ("train-learning-rate-negative", [*TRAIN, "--learning-rate", "-1", "--out", "{R}/tr"], "argument --learning-rate: must be a number > 0", None),
+    ("train-learning-rate-0", [*TRAIN, "--learning-rate", "0", "--out", "{R}/tr"], "argument --learning-rate", None),
+    ("train-learning-rate-nan", [*TRAIN, "--learning-rate", "nan", "--out", "{R}/tr"], "argument --learning-rate", None),
+    ("train-max-steps-0", _with(TRAIN, "--max-steps", "0") + ["--out", "{R}/tr"], "argument --max-steps", None),
+    ("train-rank-0", [*TRAIN, "--rank", "0", "--out", "{R}/tr"], "argument --rank", None),
+    ("train-alpha-0", [*TRAIN, "--alpha", "0", "--out", "{R}/tr"], "argument --alpha", None),
+    ("train-batch-size-0", [*TRAIN, "--batch-size", "0", "--out", "{R}/tr"], "argument --batch-size", None),
+    ("train-eval-every-0", [*TRAIN, "--eval-every", "0", "--out", "{R}/tr"], "argument --eval-every", None),
+    ("train-warmup-negative", [*TRAIN, "--warmup-steps", "-1", "--out", "{R}/tr"], "argument --warmup-steps", None),
+    ("train-unknown-module", [*TRAIN, "--target-modules", "foo_proj", "--out", "{R}/tr"], "argument --target-modules", None),
+    ("train-tasks-missing", _with(TRAIN, "--tasks", "{R}/nope") + ["--out", "{R}/tr"], "--tasks {R}/nope: no such directory", None),
+    ("train-only-unknown", [*TRAIN, "--only", "zz", "--out", "{R}/tr"], "--only: tasks ['zz']", None),
+    ("train-out-is-tasks", [*TRAIN, "--out", "{R}/examples"], "is the input --tasks", None),
+    ("train-out-inside-tasks", [*TRAIN, "--out", "{R}/examples/lib"], "is inside the input --tasks", None),
+    ("train-out-is-base", [*TRAIN, "--out", "{R}/base"], "is the input --base", None),
+    ("train-out-existing-file", [*TRAIN, "--out", "{R}/plain.txt"], "is an existing file", None),
+    ("train-out-foreign-library", [*TRAIN, "--out", "{R}/library"], "is not a `d2c train` output", None),
+    ("train-not-utf8", _with(TRAIN, "--tasks", "{R}/tasks_latin1") + ["--out", "{R}/tr"], "train.jsonl:2: not valid UTF-8", _bad_utf8("tasks_latin1/t0/train.jsonl")),
+    ("train-too-few-examples", [*TRAIN, "--out", "{R}/tr"], "too few for a validation slice", None),
+    # ---- cluster
+    ("cluster-out-is-library-force", _with(CLUSTER, "--out", "{R}/library") + ["--force"], "is the input --library", None),
+    ("cluster-out-is-library", _with(CLUSTER, "--out", "{R}/library"), "is the input --library", None),
+    ("cluster-out-inside-library", _with(CLUSTER, "--out", "{R}/library/out"), "is inside the input --library", None),
+    ("cluster-out-contains-examples", _with(CLUSTER, "--out", "{R}") + ["--force"], "contains the input --library", None),
+    ("cluster-out-is-base", _with(CLUSTER, "--out", "{R}/base") + ["--force"], "is the input --base", None),
+    ("cluster-out-existing-file", _with(CLUSTER, "--out", "{R}/plain.txt"), "is an existing file", None),
+    ("cluster-out-below-file", _with(CLUSTER, "--out", "{R}/plain.txt/out"), "is a file, not a directory", None),
+    ("cluster-out-unwritable", _with(CLUSTER, "--out", "/proc/d2c-cluster"), "cannot write in /proc", None),
+    ("cluster-out-foreign-dir-force", _with(CLUSTER, "--out", "{R}/notes") + ["--force"], "not a previous `d2c cluster` output", None),
+    ("cluster-out-previous-no-flag", _with(CLUSTER, "--out", "{R}/clustered"), "pass --resume", None),
+    ("cluster-resume-other-settings", _with(CLUSTER, "--out", "{R}/clustered") + ["--resume", "--tol", "0.5"], "other settings (['tol'])", None),
+    ("cluster-resume-corrupt-settings", _with(CLUSTER, "--out", "{R}/half_run") + ["--resume"], "settings.json is missing or not JSON", _corrupt_settings),
+    ("cluster-examples-missing", _with(CLUSTER, "--examples", "/nonexistent"), "--examples /nonexistent: no such directory", None),
+    ("cluster-library-missing", _with(CLUSTER, "--library", "{R}/nope"), "nope", None),
+    ("cluster-max-iters-0", [*CLUSTER, "--max-iters", "0"], "argument --max-iters", None),
+    ("cluster-candidates-0", [*CLUSTER, "--candidates-per-call", "0"], "argument --candidates-per-call", None),
+    ("cluster-screen-min-corr-2", [*CLUSTER, "--screen-min-corr", "2"], "argument --screen-min-corr", None),
+    ("cluster-tol-negative", [*CLUSTER, "--tol", "-1"], "argument --tol", None),
+    ("cluster-devices-0", [*CLUSTER, "--devices", "0"], "argument --devices", None),
+    ("cluster-density-0", _with(CLUSTER, "--density", "0"), "argument --density", None),
+    ("cluster-budget-0", _with(CLUSTER, "--budget", "0"), "budget", None),
+    ("cluster-budget-too-big", _with(CLUSTER, "--budget", "9"), "budget", None),
+    ("cluster-dev-not-utf8", _with(CLUSTER, "--examples", "{R}/ex_latin1"), "dev.jsonl:2: not valid UTF-8", _bad_utf8("ex_latin1/t0/dev.jsonl")),
+    ("cluster-other-base", _with(CLUSTER, "--base", "{R}/other_base"), "'someone/other-model'", _copy_base("other_base", config={"_name_or_path": "someone/other-model"})),
+    # ---- evaluate
+    ("evaluate-assignment-missing", [*EVAL, "--assignment", "{R}/nope.json", "--out", "{R}/e.json"], "--assignment {R}/nope.json: no such file", None),
+    ("evaluate-assignment-corrupt", [*EVAL, "--assignment", "{R}/bad_assign.json", "--out", "{R}/e.json"], "bad_assign.json: not valid JSON", _write("bad_assign.json", "{t0: 1")),
+    ("evaluate-out-is-assignment", [*EVAL, "--assignment", "{R}/clustered/assignment.json", "--out", "{R}/clustered/assignment.json"], "is the input --assignment", None),
+    ("evaluate-out-inside-clustering", [*EVAL_DIR, "--out", "{R}/clustered/scores.json"], "is inside the input --assignment", None),
+    ("evaluate-out-is-dir", [*EVAL_DIR, "--out", "{R}/notes"], "is a directory; give a file path", None),
+    ("evaluate-out-foreign-file", [*EVAL_DIR, "--out", "{R}/foreign.json"], "not a previous output of `d2c evaluate`", None),
+    ("evaluate-out-inside-library", [*EVAL_DIR, "--out", "{R}/library/e.json"], "is inside the input --library", None),
+    ("evaluate-limit-0", [*EVAL_DIR, "--limit", "0", "--out", "{R}/e.json"], "argument --limit", None),
+    ("evaluate-batch-size-0", [*EVAL_DIR, "--batch-size", "0", "--out", "{R}/e.json"], "argument --batch-size", None),
+    ("evaluate-max-new-tokens-0", [*EVAL_DIR, "--max-new-tokens", "0", "--out", "{R}/e.json"], "argument --max-new-tokens", None),
+    ("evaluate-tasks-missing", [*_with(EVAL_DIR, "--tasks", "{R}/nope"), "--out", "{R}/e.json"], "--tasks {R}/nope: no such directory", None),
+    ("evaluate-split-dev", [*EVAL_DIR, "--split", "dev", "--out", "{R}/e.json"], "argument --split", None),
+    ("evaluate-test-not-utf8", [*_with(EVAL_DIR, "--tasks", "{R}/ev_latin1"), "--no-relative", "--out", "{R}/e.json"], "test.jsonl:2: not valid UTF-8", _bad_utf8("ev_latin1/t0/test.jsonl")),
+]  # fmt: skip
+
+
+def _fill(argv: list[str], root: Path) -> list[str]:
+    return [a.replace("{R}", str(root)) for a in argv]
+
+
+def _out_of(argv: list[str]) -> Path | None:
+    return Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
+
+
+@pytest.mark.parametrize("argv, expected, setup", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error_that_changes_nothing(world, capsys, argv, expected, setup):
+    if setup is not None:
+        setup(world)
+    argv = _fill(argv, world)
+    out = _out_of(argv)
+    before = tree_state(world)
+    out_existed = out is not None and (out.exists() or out.is_symlink())
+    rc, err = run_cli(argv, capsys)
+    assert rc not in (0, None), f"exit {rc}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("d2c"), errors[0]
+    assert expected.replace("{R}", str(world)) in errors[0], errors[0]
+    # Inputs unchanged, nothing created in or beside OUT (all of it lies in the world).
+    assert tree_state(world) == before
+    if out is not None and not out_existed:
+        assert not out.exists()
+
+
+def test_corpus_is_large_and_covers_every_command():
+    commands = {argv[0] for _, argv, _, _ in CASES}
+    assert {"merge", "score", "generate", "train", "cluster", "evaluate"} <= commands
+    assert len(CASES) >= 60
+    assert len({c[0] for c in CASES}) == len(CASES)
