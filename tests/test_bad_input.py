@@ -347,3 +347,215 @@ def test_corpus_is_large_and_covers_every_command():
     assert {"merge", "score", "generate", "train", "cluster", "evaluate"} <= commands
     assert len(CASES) >= 60
     assert len({c[0] for c in CASES}) == len(CASES)
+
+
+# ------------------------------------------------------------- rerun always works
+
+
+def _fail(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_failed_cluster_run_cleans_up_and_the_same_command_reruns(
+    world, tmp_path, monkeypatch, capsys
+):
+    import d2c_jax.cluster.output
+
+    out = tmp_path / "out"
+    argv = cluster_args(world, out, "--method", "random")
+    monkeypatch.setattr(d2c_jax.cluster.output, "save_clusters", _fail)
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2 and "No space left on device" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [], "the failed run left files behind"
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert (out / "manifest.json").is_file() and not (out / ".search").exists()
+
+
+def test_failed_force_run_restores_the_previous_output(world, tmp_path, monkeypatch, capsys):
+    import d2c_jax.cluster.output
+
+    out = tmp_path / "out"
+    shutil.copytree(world / "clustered", out)
+    before = tree_state(tmp_path)
+    monkeypatch.setattr(d2c_jax.cluster.output, "save_clusters", _fail)
+    rc, _ = run_cli([*cluster_args(world, out, "--method", "random"), "--force"], capsys)
+    assert rc == 2
+    assert tree_state(tmp_path) == before
+
+
+def _killed_between_clusters(out: Path) -> None:
+    for name in ("manifest.json", "log.jsonl", "assignment.json"):
+        (out / name).unlink()
+    shutil.copytree(out / "cluster_1", out / ".cluster_1.x7k2")
+    shutil.rmtree(out / "cluster_1")
+    (out / ".cluster_1.x7k2" / "adapter_model.safetensors").write_bytes(b"half")
+
+
+def _killed_before_manifest(out: Path) -> None:
+    (out / "manifest.json").unlink()
+    (out / ".log.jsonl.tmp").write_text("partial")
+
+
+def _killed_after_manifest(out: Path) -> None:
+    (out / ".search" / "ckpt" / "3").mkdir(parents=True)
+
+
+def _killed_during_cleanup(out: Path) -> None:
+    _killed_after_manifest(out)
+    (out / ".search" / "settings.json").unlink()
+
+
+@pytest.mark.parametrize(
+    "kill",
+    [
+        _killed_between_clusters,
+        _killed_before_manifest,
+        _killed_after_manifest,
+        _killed_during_cleanup,
+    ],
+    ids=["between-clusters", "before-manifest", "after-manifest", "during-cleanup"],
+)
+def test_a_killed_final_write_resumes_to_the_files_of_an_uninterrupted_run(world, tmp_path, kill):
+    reference = world / "clustered"  # an uninterrupted run of the same command
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    settings = json.loads((out / "manifest.json").read_text())["settings"]
+    (out / ".search").mkdir()
+    (out / ".search" / "settings.json").write_text(json.dumps(settings))
+    kill(out)
+    assert main([*cluster_args(world, out, "--method", "random"), "--resume"]) == 0
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))  # noqa: E731
+    assert files(out) == files(reference), "hidden leftovers or missing files"
+    for name in (
+        "assignment.json",
+        "cluster_0/adapter_model.safetensors",
+        "cluster_1/adapter_model.safetensors",
+    ):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+
+# ------------------------------------------------------------- one same-base rule
+
+
+def test_same_base_is_decided_by_weights_not_by_display_name(world, tmp_path, monkeypatch):
+    from d2c_jax.adapters import check_adapter_for_base
+    from d2c_jax.library import AdapterLibrary
+    from d2c_jax.models import KNOWN_BASES, load_base
+    from d2c_jax.models.hf import load_hf_weights, save_hf_weights
+
+    library = AdapterLibrary.load(world / "library")  # recorded for "tiny-llama"
+    # An HF copy at another path, under another display name, in bfloat16.
+    copy = tmp_path / "renamed"
+    shutil.copytree(world / "base", copy)
+    config, weights = load_hf_weights(copy)
+    import ml_dtypes
+
+    bf16 = {k: v for k, v in weights.items() if k != "layers"}
+    bf16 = {k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in bf16.items()}
+    bf16["layers"] = {
+        k: np.asarray(v).astype(ml_dtypes.bfloat16) for k, v in weights["layers"].items()
+    }
+    for path in copy.glob("*.safetensors"):
+        path.unlink()
+    save_hf_weights(copy, config, bf16, extra_config={"_name_or_path": "someone/renamed"})
+    original = load_base(str(world / "base"))
+    renamed = load_base(str(copy))
+    assert renamed.fingerprint == original.fingerprint
+    with pytest.raises(ValueError, match="'tiny-llama'.*'someone/renamed'"):
+        check_adapter_for_base(renamed, library)  # an unknown fingerprint: names decide
+    monkeypatch.setitem(KNOWN_BASES, original.fingerprint, "tiny-llama")
+    renamed = load_base(str(copy))
+    assert renamed.name == "tiny-llama"
+    check_adapter_for_base(renamed, library)
+    # Different weights under the same file layout are a different base.
+    other = tmp_path / "other"
+    shutil.copytree(world / "base", other)
+    weights["embed"] = np.asarray(weights["embed"]) + 1.0
+    for path in other.glob("*.safetensors"):
+        path.unlink()
+    save_hf_weights(other, config, weights, extra_config={"_name_or_path": "other"})
+    assert load_base(str(other)).fingerprint != original.fingerprint
+
+
+@pytest.mark.slow
+def test_the_embedded_gguf_by_path_is_the_default_base(real_base):
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir
+    from d2c_jax.models import DEFAULT_MODEL_NAME, KNOWN_BASES, default_gguf_path, load_base
+
+    assert KNOWN_BASES[real_base.fingerprint] == DEFAULT_MODEL_NAME
+    by_path = load_base(str(default_gguf_path()))
+    assert by_path.name == DEFAULT_MODEL_NAME and by_path.fingerprint == real_base.fingerprint
+    from d2c_jax.adapters import check_adapter_for_base
+
+    check_adapter_for_base(by_path, AdapterLibrary.load(embedded_library_dir()))
+
+
+# ------------------------------------------------------------------ friendly CLI
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("d2c-jax ")
+
+
+def test_every_option_has_help_with_its_default():
+    import argparse
+
+    from d2c_jax.cli import HelpFormatter, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, command in sub.choices.items():
+        formatter = HelpFormatter(prog=name)
+        for action in command._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._get_help_string(action)
+            if not text:
+                missing.append(f"{name} {action.option_strings[0]}: no help")
+            elif action.default not in (None, False, argparse.SUPPRESS) and (
+                "default" not in text.lower()
+            ):
+                missing.append(f"{name} {action.option_strings[0]}: no default")
+    assert missing == []
+
+
+def test_outputs_are_0644_and_valid_json(world, tmp_path):
+    out = tmp_path / "scores.json"
+    assert (
+        main(
+            [
+                "score",
+                "--base",
+                str(world / "base"),
+                "--examples",
+                str(world / "score.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    record = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert record["prompt_prefix_tokens"] == ["<|endoftext|>"]
+    assert (
+        main(
+            [
+                "score",
+                "--base",
+                str(world / "base"),
+                "--examples",
+                str(world / "score.jsonl"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    ), "a previous score output is replaced"
+    weights = world / "merged" / "adapter_model.safetensors"
+    assert stat.S_IMODE(weights.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
