@@ -198,10 +198,10 @@ def test_gguf_loader_and_cache(tmp_path, monkeypatch, tiny_base):
 
 
 def test_unknown_base_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_base(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="directory has no config.json"):
         load_base(str(tmp_path / "empty"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf")
