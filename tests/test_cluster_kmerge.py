@@ -44,7 +44,8 @@ def kmerge_reference(library, k, seed):
         w = 1 / sizes[c]
         clusters[c] = {
             m: tuple(
-                np.sqrt(1 - w) * old + np.sqrt(w) * add for old, add in zip(clusters[c][m], new[m])
+                np.sqrt(1 - w) * old + np.sqrt(w) * add
+                for old, add in zip(clusters[c][m], new[m], strict=True)
             )
             for m in new
         }
