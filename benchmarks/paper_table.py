@@ -93,6 +93,7 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "task_loss": "likelihood",
         "destinations": 1,
     },
+    "d2c_best_nll_sweep_m1": {"init": "best", "mode": "sweep", "max_iters": 1, "destinations": 1},
     "d2c_mbc_nll_lloyd": {"init": "mbc", "mode": "lloyd", "max_iters": 10},
     "d2c_mbc_likelihood_lloyd": {
         "init": "mbc",
