@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from d2c_jax.cluster import d2c
-from d2c_jax.cluster.base import membership_mask
+from d2c_jax.cluster.base import ClusteringResult, membership_mask
 from d2c_jax.cluster.d2c import CachedObjective, D2CClustering, move_deltas
 from d2c_jax.cluster.parameter import random_assignment
 from tests.test_cluster_parameter import planted_library
@@ -220,7 +220,7 @@ class FromAssignment(D2CClustering):
     """D2C started from a given assignment instead of K-Means or random."""
 
     def initial_assignment(self, library, k, seed, cached=None):
-        return np.array([0, 0, 1])
+        return ClusteringResult("given", np.array([0, 0, 1]), k)
 
 
 # Tasks 0, 1, 2 in clusters {0, 1} and {2}; task 1 is broken next to task 0. Moving 0
@@ -353,9 +353,13 @@ def test_best_init_starts_from_the_data_free_clustering_with_lower_objective(tas
     objective = PairwiseObjective(GROUPS)
     search = D2CClustering(init="best", task_loss=task_loss)
     start = search.initial_assignment(library, 3, 5, CachedObjective(objective))
-    starts = [m.fit(library, 3, 5).assign for m in (KMeansClustering(), MBCClustering())]
-    values = [objective_value(objective, a, 3, task_loss) for a in starts]
-    np.testing.assert_array_equal(start, starts[int(np.argmin(values))])
+    starts = [m.fit(library, 3, 5) for m in (KMeansClustering(), MBCClustering())]
+    values = [objective_value(objective, s.assign, 3, task_loss) for s in starts]
+    best = starts[int(np.argmin(values))]
+    np.testing.assert_array_equal(start.assign, best.assign)
+    assert start.method == best.method
+    result = search.fit(library, 3, 5, objective, progress=False)
+    assert result.info["start"] == best.method == result.log[0]["start"]
 
 
 def test_promising_destinations_are_the_lowest_losses_but_the_current_cluster():
@@ -375,7 +379,7 @@ def test_sweep_with_destinations_scores_only_the_promising_moves(seed):
 
     class From(D2CClustering):
         def initial_assignment(self, library, k, seed, cached=None):
-            return start.copy()
+            return ClusteringResult("given", start.copy(), k)
 
     pruned = From(mode="sweep", max_iters=1, destinations=1)
     got = pruned.fit(library, 3, seed, objective, progress=False)

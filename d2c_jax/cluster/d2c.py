@@ -279,15 +279,17 @@ class D2CClustering:
 
     def initial_assignment(
         self, library: AdapterLibrary, k: int, seed: int, cached: CachedObjective | None = None
-    ) -> np.ndarray:
-        """The start of the search; ``best`` scores the data-free starts (`BEST_OF`) on
-        the objective (about 2K member sets) and keeps the lowest J (ties: first)."""
+    ) -> ClusteringResult:
+        """The start of the search (its ``method`` names it); ``best`` scores the
+        data-free starts (`BEST_OF`) on the objective (about 2K member sets) and keeps
+        the lowest J (ties: the first)."""
         methods = {"kmeans": self.kmeans, "mbc": self.mbc, "random": RandomClustering()}
         if self.init != "best":
-            return methods[self.init].fit(library, k, seed).assign
-        starts = [methods[name].fit(library, k, seed).assign for name in BEST_OF]
+            return methods[self.init].fit(library, k, seed)
+        starts = [methods[name].fit(library, k, seed) for name in BEST_OF]
         values = [
-            cached.cluster_losses(membership_mask(a, k), self.task_loss).sum() for a in starts
+            cached.cluster_losses(membership_mask(s.assign, k), self.task_loss).sum()
+            for s in starts
         ]
         return starts[int(np.argmin(values))]
 
@@ -323,7 +325,8 @@ class D2CClustering:
             assign, iteration, log, cache_state = restored
             cached.load_state(cache_state)
         else:
-            assign = self.initial_assignment(library, k, seed, cached)
+            start_result = self.initial_assignment(library, k, seed, cached)
+            assign, start_method = start_result.assign, start_result.method
             iteration, log = 0, []
             start = time.perf_counter()
             objective_value = (
@@ -332,6 +335,7 @@ class D2CClustering:
             log.append(
                 {
                     "iteration": 0,
+                    "start": start_method,
                     "objective": objective_value,
                     "moves": [],
                     "candidates_scored": cached.evaluations,
@@ -401,6 +405,7 @@ class D2CClustering:
                 "converged": done,
                 "candidates_scored": cached.evaluations,
                 "init": self.init,
+                "start": log[0].get("start"),
                 "mode": self.mode,
                 "task_loss": self.task_loss,
                 "screen_top": self.screen_top,
