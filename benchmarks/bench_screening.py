@@ -49,6 +49,8 @@ def run_search(context: dict[str, Any], variant: str, seed: int, args) -> dict[s
         init="kmeans",
         mode="best",
         max_iters=args.max_iters,
+        task_loss="nll",
+        destinations=0,
         **(screen if variant == "screened" else {}),
     )
     cached = CachedObjective(context["objective"])

@@ -66,25 +66,40 @@ DATA_FREE = ("random", "kmeans", "mbc", "kmerge")
 # runs with no flags (`D2CClustering()`); the others are the variants tried, losers kept.
 D2C_VARIANTS: dict[str, dict[str, Any]] = {
     "d2c": {},
-    "d2c_kmeans_nll_sweep": {"init": "kmeans", "mode": "sweep", "max_iters": 1},
+    "d2c_kmeans_nll_sweep": {
+        "init": "kmeans",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "nll",
+        "destinations": 0,
+    },
     "d2c_kmeans_likelihood_sweep": {
         "init": "kmeans",
         "mode": "sweep",
         "max_iters": 1,
         "task_loss": "likelihood",
+        "destinations": 0,
     },
-    "d2c_mbc_nll_sweep": {"init": "mbc", "mode": "sweep", "max_iters": 1},
+    "d2c_mbc_nll_sweep": {
+        "init": "mbc",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "nll",
+        "destinations": 0,
+    },
     "d2c_mbc_likelihood_sweep": {
         "init": "mbc",
         "mode": "sweep",
         "max_iters": 1,
         "task_loss": "likelihood",
+        "destinations": 0,
     },
     "d2c_best_likelihood_sweep": {
         "init": "best",
         "mode": "sweep",
         "max_iters": 1,
         "task_loss": "likelihood",
+        "destinations": 0,
     },
     "d2c_best_likelihood_sweep_m1": {
         "init": "best",
@@ -93,8 +108,14 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "task_loss": "likelihood",
         "destinations": 1,
     },
-    "d2c_best_nll_sweep_m1": {"init": "best", "mode": "sweep", "max_iters": 1, "destinations": 1},
-    "d2c_mbc_nll_lloyd": {"init": "mbc", "mode": "lloyd", "max_iters": 10},
+    "d2c_best_nll_sweep_m1": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "nll",
+        "destinations": 1,
+    },
+    "d2c_mbc_nll_lloyd": {"init": "mbc", "mode": "lloyd", "max_iters": 10, "task_loss": "nll"},
     "d2c_mbc_likelihood_lloyd": {
         "init": "mbc",
         "mode": "lloyd",
@@ -206,8 +227,8 @@ class Sweep:
         settings = {"init": search.init, "mode": search.mode, "max_iters": search.max_iters}
         if search.task_loss != "nll":
             settings["task_loss"] = search.task_loss
-        if search.destinations:
-            settings["destinations"] = search.destinations
+        if search.sweep_destinations:
+            settings["destinations"] = search.sweep_destinations
         return settings
 
     def cell_path(self, method: str, budget: str, seed: int) -> Path:

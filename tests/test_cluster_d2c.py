@@ -57,6 +57,20 @@ def objective_value(objective, assign, k, task_loss="nll"):
 
 GROUPS = (0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2)
 
+# The settings the search-logic tests pin (D2C's defaults are the validated variant):
+# every move scored exactly, mean NLL, up to 50 iterations.
+EXHAUSTIVE = {
+    "init": "kmeans",
+    "mode": "best",
+    "max_iters": 50,
+    "task_loss": "nll",
+    "destinations": 0,
+}
+
+
+def exhaustive(**settings) -> D2CClustering:
+    return D2CClustering(**{**EXHAUSTIVE, **settings})
+
 
 @pytest.mark.parametrize("task_loss", ["nll", "likelihood"])
 def test_move_deltas_equal_brute_force(task_loss):
@@ -93,7 +107,7 @@ def test_move_deltas_scores_only_the_selected_pairs():
 def test_recovers_planted_groups_monotonically(mode, seed):
     library = planted_library(groups=(0,) * 12)  # parameters carry no group signal
     objective = PairwiseObjective(GROUPS, seed=seed)
-    result = D2CClustering(init="random", mode=mode).fit(
+    result = exhaustive(init="random", mode=mode).fit(
         library, 3, seed=seed, objective=objective, progress=False
     )
     objectives = [entry["objective"] for entry in result.log]
@@ -111,7 +125,7 @@ def test_recovers_planted_groups_monotonically(mode, seed):
 
 def test_cache_scores_each_member_set_once():
     objective = PairwiseObjective(GROUPS)
-    result = D2CClustering(init="random", mode="best").fit(
+    result = exhaustive(init="random", mode="best").fit(
         planted_library(groups=(0,) * 12), 3, seed=0, objective=objective, progress=False
     )
     moves = sum(entry["candidates_considered"] for entry in result.log[1:])
@@ -123,7 +137,7 @@ def test_cache_scores_each_member_set_once():
 
 def test_never_empties_a_cluster():
     objective = PairwiseObjective((0,) * 6)  # everyone wants to be together
-    result = D2CClustering(init="random", mode="sweep").fit(
+    result = exhaustive(init="random", mode="sweep").fit(
         planted_library(groups=(0,) * 6), 3, seed=0, objective=objective, progress=False
     )
     assert set(result.assign.tolist()) == {0, 1, 2}
@@ -131,11 +145,11 @@ def test_never_empties_a_cluster():
 
 def test_resume_from_checkpoint_reaches_same_assignment(tmp_path):
     library = planted_library(groups=(0,) * 12)
-    full = D2CClustering(init="random", mode="best").fit(
+    full = exhaustive(init="random", mode="best").fit(
         library, 3, seed=5, objective=PairwiseObjective(GROUPS), progress=False
     )
     assert full.info["iterations"] > 3
-    D2CClustering(init="random", mode="best", max_iters=2).fit(
+    exhaustive(init="random", mode="best", max_iters=2).fit(
         library,
         3,
         seed=5,
@@ -144,7 +158,7 @@ def test_resume_from_checkpoint_reaches_same_assignment(tmp_path):
         progress=False,
     )
     fresh = PairwiseObjective(GROUPS)
-    resumed = D2CClustering(init="random", mode="best").fit(
+    resumed = exhaustive(init="random", mode="best").fit(
         library, 3, seed=5, objective=fresh, checkpoint_dir=tmp_path / "ckpt", progress=False
     )
     np.testing.assert_array_equal(resumed.assign, full.assign)
@@ -169,7 +183,7 @@ class CrashingObjective(PairwiseObjective):
 def test_resume_in_the_middle_of_a_sweep_replays_it_from_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(d2c, "SWEEP_SAVE_SECONDS", 0.0)  # save after every visit
     library = planted_library(groups=(0,) * 12)
-    search = D2CClustering(init="random", mode="sweep")
+    search = exhaustive(init="random", mode="sweep")
     full = search.fit(library, 3, seed=2, objective=PairwiseObjective(GROUPS), progress=False)
     # Initial clusters + 12 visits of the first sweep + some of the second.
     crash_at = 1 + 12 + 5
@@ -239,13 +253,15 @@ BROKEN_TASK = {
 def test_likelihood_loss_keeps_working_tasks_where_mean_nll_trades_them():
     library = planted_library(groups=(0, 0, 0))
     objective = TableObjective(BROKEN_TASK)
-    nll = FromAssignment(mode="best").fit(library, 2, 0, objective=objective, progress=False)
+    nll = FromAssignment(**{**EXHAUSTIVE, "mode": "best"}).fit(
+        library, 2, 0, objective=objective, progress=False
+    )
     # Mean NLL takes the move: task 1 goes 9.0 -> 0.1, tasks 0 and 2 go to 1.0 and 3.0.
     assert nll.assign.tolist() == [1, 0, 1]
     assert nll.objective == pytest.approx((1.0 + 0.1 + 3.0) / 3)
     # 1 - exp(-nll) saturates for a broken task: the same move makes it worse
     # (0.095 + 1.000 + 0.095 -> 0.632 + 0.095 + 0.950 over 3 tasks).
-    lik = FromAssignment(mode="best", task_loss="likelihood").fit(
+    lik = FromAssignment(**{**EXHAUSTIVE, "task_loss": "likelihood"}).fit(
         library, 2, 0, objective=objective, progress=False
     )
     assert lik.assign.tolist() == [0, 0, 1]
@@ -258,7 +274,7 @@ def test_likelihood_loss_keeps_working_tasks_where_mean_nll_trades_them():
 def test_likelihood_search_is_monotone_and_reports_its_objective(mode):
     library = planted_library(groups=(0,) * 12)
     objective = PairwiseObjective(GROUPS, seed=3)
-    result = D2CClustering(init="random", mode=mode, task_loss="likelihood").fit(
+    result = exhaustive(init="random", mode=mode, task_loss="likelihood").fit(
         library, 3, seed=3, objective=objective, progress=False
     )
     objectives = [entry["objective"] for entry in result.log]
@@ -272,7 +288,7 @@ def test_task_loss_settings_are_checked():
     with pytest.raises(ValueError, match="task_loss must be one of nll, likelihood"):
         D2CClustering(task_loss="mse")
     with pytest.raises(ValueError, match="screening .* needs task_loss='nll'"):
-        D2CClustering(screen_top=4, task_loss="likelihood")
+        D2CClustering(mode="best", screen_top=4, task_loss="likelihood")
 
 
 def lloyd_reference(objective, assign, k, task_loss="nll"):
@@ -307,7 +323,7 @@ def lloyd_reference(objective, assign, k, task_loss="nll"):
 def test_lloyd_step_equals_plain_reference(task_loss, seed):
     objective = PairwiseObjective(GROUPS, seed=seed)
     assign = random_assignment(12, 3, seed=seed)
-    search = D2CClustering(mode="lloyd", task_loss=task_loss, tol=0.0)
+    search = exhaustive(mode="lloyd", task_loss=task_loss, tol=0.0)
     step, moves, considered = search._lloyd_step(assign, 3, CachedObjective(objective))
     np.testing.assert_array_equal(step, lloyd_reference(objective, assign, 3, task_loss))
     assert considered == 36
@@ -320,7 +336,7 @@ def test_lloyd_step_equals_plain_reference(task_loss, seed):
 def test_lloyd_search_is_monotone_and_recovers_planted_groups(init):
     library = planted_library(groups=(0,) * 12)
     objective = PairwiseObjective(GROUPS)
-    result = D2CClustering(init=init, mode="lloyd", max_iters=20).fit(
+    result = exhaustive(init=init, mode="lloyd", max_iters=20).fit(
         library, 3, 0, objective, progress=False
     )
     values = [entry["objective"] for entry in result.log]
@@ -351,7 +367,7 @@ def test_best_init_starts_from_the_data_free_clustering_with_lower_objective(tas
 
     library = planted_library(groups=(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2), noise=1.0)
     objective = PairwiseObjective(GROUPS)
-    search = D2CClustering(init="best", task_loss=task_loss)
+    search = exhaustive(init="best", task_loss=task_loss)
     start = search.initial_assignment(library, 3, 5, CachedObjective(objective))
     starts = [m.fit(library, 3, 5) for m in (KMeansClustering(), MBCClustering())]
     values = [objective_value(objective, s.assign, 3, task_loss) for s in starts]
@@ -381,7 +397,7 @@ def test_sweep_with_destinations_scores_only_the_promising_moves(seed):
         def initial_assignment(self, library, k, seed, cached=None):
             return ClusteringResult("given", start.copy(), k)
 
-    pruned = From(mode="sweep", max_iters=1, destinations=1)
+    pruned = From(mode="sweep", max_iters=1, destinations=1, task_loss="nll")
     got = pruned.fit(library, 3, seed, objective, progress=False)
     # reference: replay the sweep by hand
     cross = objective.cross_losses(membership_mask(start, 3))

@@ -191,7 +191,9 @@ def test_d2c_beats_kmeans_on_planted_library(tiny_base):
     by_parameters = np.array([0, 1, 0, 1])
     assert (kmeans.assign == by_parameters).all() or (kmeans.assign == 1 - by_parameters).all()
 
-    d2c = D2CClustering(init="kmeans").fit(library, 2, seed=0, objective=objective, progress=False)
+    d2c = D2CClustering(init="kmeans", mode="best", max_iters=50, task_loss="nll").fit(
+        library, 2, seed=0, objective=objective, progress=False
+    )
     kmeans_j = objective.task_losses(membership_mask(kmeans.assign, 2)).sum() / 4
     assert d2c.info["initial_objective"] == pytest.approx(kmeans_j, rel=1e-6)
     objectives = [entry["objective"] for entry in d2c.log]

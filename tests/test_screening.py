@@ -78,12 +78,12 @@ def test_estimates_correlate_with_exact_changes(tiny_problem):
 
 def test_screening_all_candidates_is_exact_d2c(tiny_problem):
     library, objective = tiny_problem
-    exact = D2CClustering(init="random", max_iters=4).fit(
+    exact = D2CClustering(init="random", mode="best", task_loss="nll", max_iters=4).fit(
         library, K, seed=2, objective=objective, progress=False
     )
-    screened = D2CClustering(init="random", max_iters=4, screen_top=N * K).fit(
-        library, K, seed=2, objective=objective, progress=False
-    )
+    screened = D2CClustering(
+        init="random", mode="best", task_loss="nll", max_iters=4, screen_top=N * K
+    ).fit(library, K, seed=2, objective=objective, progress=False)
     assert len(exact.log) > 2  # the search moved adapters
     np.testing.assert_array_equal(screened.assign, exact.assign)
     assert [e["moves"] for e in screened.log] == [e["moves"] for e in exact.log]
@@ -92,9 +92,15 @@ def test_screening_all_candidates_is_exact_d2c(tiny_problem):
 
 def test_screened_search_never_increases_and_stops_at_a_local_optimum(tiny_problem):
     library, objective = tiny_problem
-    result = D2CClustering(init="random", screen_top=2, screen_sample=4, screen_min_corr=-1).fit(
-        library, K, seed=2, objective=objective, progress=False
-    )
+    result = D2CClustering(
+        init="random",
+        mode="best",
+        task_loss="nll",
+        max_iters=50,
+        screen_top=2,
+        screen_sample=4,
+        screen_min_corr=-1,
+    ).fit(library, K, seed=2, objective=objective, progress=False)
     objectives = [e["objective"] for e in result.log]
     assert all(b <= a for a, b in zip(objectives, objectives[1:], strict=False))
     records = [e["screening"] for e in result.log[1:]]
@@ -109,6 +115,6 @@ def test_screening_settings_are_checked():
     with pytest.raises(ValueError, match="mode='best'"):
         D2CClustering(mode="sweep", screen_top=4)
     with pytest.raises(ValueError, match="first_order_moves"):
-        D2CClustering(init="random", screen_top=4).fit(
+        D2CClustering(init="random", mode="best", task_loss="nll", screen_top=4).fit(
             planted_library(groups=(0,) * 6), 2, seed=0, objective=PairwiseObjective((0,) * 6)
         )

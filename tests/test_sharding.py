@@ -52,7 +52,7 @@ def run_on_devices() -> dict:
         placed = sharding.put(
             np.zeros((objective.candidates_per_call, 3)), objective.mesh, "candidates"
         )
-        result = D2CClustering(init="random", mode="best", max_iters=6).fit(
+        result = D2CClustering(init="random", mode="best", max_iters=6, task_loss="nll").fit(
             library, 3, seed=1, objective=objective, progress=False
         )
         out[str(devices)] = {

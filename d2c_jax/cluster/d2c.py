@@ -1,4 +1,4 @@
-"""D2C: data-driven clustering by exact reassignment search (see DESIGN.md).
+"""D2C: data-driven clustering by exact reassignment search (see docs/ARCHITECTURE.md).
 
 The objective of an assignment is
 
@@ -84,6 +84,9 @@ INITS = ("kmeans", "mbc", "random", "best")
 # The data-free starts that ``init="best"`` chooses among by the objective.
 BEST_OF = ("kmeans", "mbc")
 MODES = ("best", "sweep", "lloyd")
+
+# Destinations a sweep visit scores by default (``D2CClustering.destinations``).
+SWEEP_DESTINATIONS = 1
 
 # Per-task loss f(mean dev NLL) that J averages (module docstring); f(0) = 0, so the
 # zeros of non-member tasks add nothing.
@@ -233,7 +236,8 @@ class D2CClustering:
       destinations: M > 0 (``sweep`` mode): a visit scores only the adapter's M most
         promising destination clusters, ranked by its task's dev loss under each
         cluster's merge at the start of the sweep (K merges scored on every task,
-        `CachedObjective.cross_losses`); 0 scores every destination.
+        `CachedObjective.cross_losses`); 0 scores every destination; None (default):
+        `SWEEP_DESTINATIONS` in sweep mode (other modes score every move).
       screen_top: M > 0 turns on first-order screening (``best`` mode only): only the
         M best-estimated moves (plus the reliability sample) are scored exactly.
       screen_sample: moves scored exactly at random to check the estimate's ranking.
@@ -242,14 +246,15 @@ class D2CClustering:
     """
 
     name: ClassVar[str] = "d2c"
-    init: str = "kmeans"
-    mode: str = "best"
-    max_iters: int = 50
+    # Defaults: the variant chosen on the validation slice (docs/RESULTS.md, ablation).
+    init: str = "best"
+    mode: str = "sweep"
+    max_iters: int = 1
     tol: float = 1e-4
-    task_loss: str = "nll"
+    task_loss: str = "likelihood"
     kmeans: KMeansClustering = KMeansClustering()
     mbc: MBCClustering = MBCClustering()
-    destinations: int = 0
+    destinations: int | None = None
     screen_top: int = 0
     screen_sample: int = 16
     screen_min_corr: float = 0.5
@@ -263,7 +268,7 @@ class D2CClustering:
             raise ValueError("max_iters and tol must be non-negative")
         if self.screen_top < 0 or self.screen_sample < 3:
             raise ValueError("screen_top must be >= 0 and screen_sample >= 3")
-        if self.destinations < 0:
+        if self.destinations is not None and self.destinations < 0:
             raise ValueError("destinations must be >= 0")
         if self.destinations and self.mode != "sweep":
             raise ValueError("destinations (M > 0) needs mode='sweep'")
@@ -276,6 +281,13 @@ class D2CClustering:
         if self.screen_top and self.task_loss != "nll":
             # The first-order estimate is of the change of mean NLL.
             raise ValueError("screening (screen_top > 0) needs task_loss='nll'")
+
+    @property
+    def sweep_destinations(self) -> int:
+        """Destinations a sweep visit scores (0: all); `destinations` resolved."""
+        if self.mode != "sweep":
+            return 0
+        return SWEEP_DESTINATIONS if self.destinations is None else self.destinations
 
     def initial_assignment(
         self, library: AdapterLibrary, k: int, seed: int, cached: CachedObjective | None = None
@@ -313,7 +325,7 @@ class D2CClustering:
         cached = objective if isinstance(objective, CachedObjective) else CachedObjective(objective)
         if self.screen_top and not hasattr(cached.objective, "first_order_moves"):
             raise ValueError("screening needs an objective with first_order_moves (DevObjective)")
-        if (self.mode == "lloyd" or self.destinations) and not hasattr(
+        if (self.mode == "lloyd" or self.sweep_destinations) and not hasattr(
             cached.objective, "cross_losses"
         ):
             raise ValueError(
@@ -409,7 +421,7 @@ class D2CClustering:
                 "mode": self.mode,
                 "task_loss": self.task_loss,
                 "screen_top": self.screen_top,
-                "destinations": self.destinations,
+                "destinations": self.sweep_destinations,
             },
         )
 
@@ -438,7 +450,7 @@ class D2CClustering:
                 return assign, [move], considered, screened
             return assign, [], considered, screened
         moves, considered = [], 0
-        if self.destinations:  # each task's loss under each merge at the sweep's start
+        if self.sweep_destinations:  # each task's loss under each merge at the sweep's start
             cross = cached.cross_losses(membership_mask(assign, k))  # [K, N]
         order = np.random.default_rng([seed, iteration]).permutation(n)
         # A sweep over a large library takes many minutes: show each visit, with ETA.
@@ -448,8 +460,10 @@ class D2CClustering:
         for i in visits:
             before = cached.evaluations
             pairs = None
-            if self.destinations:
-                pairs = promising_destinations(cross[:, i], assign[i], self.destinations)[None]
+            if self.sweep_destinations:
+                pairs = promising_destinations(cross[:, i], assign[i], self.sweep_destinations)[
+                    None
+                ]
             deltas = (
                 move_deltas(assign, k, cached, np.array([i]), pairs, task_loss=self.task_loss)[0]
                 / n
