@@ -33,6 +33,9 @@ and saved after each, so cells that revisit a member set do not score it again;
 likewise test results are cached per member set (a task's score depends only on
 its own cluster), so a cluster shared by several cells is generated once.
 
+A cell is a `d2c_jax.pipeline.ClusterJob` (`Sweep.job`) fitted by the pipeline on the
+sweep's shared objective and scored by the pipeline's `evaluate_assignment`.
+
 Outputs: ``<out>/paper_table.json``, ``paper_table.md`` and ``paper_table.png``
 (score against storage, one line per method, reference lines for the bounds).
 """
@@ -139,9 +142,9 @@ class Sweep:
     """Runs and caches the cells of the table (see module docstring)."""
 
     def __init__(self, out: Path, args: argparse.Namespace):
+        from d2c_jax import pipeline
         from d2c_jax import tasks as task_suite
         from d2c_jax.cluster.d2c import CachedObjective
-        from d2c_jax.cluster.objective import DevObjective
         from d2c_jax.library import AdapterLibrary, embedded_library_dir
         from d2c_jax.merging import DEFAULT_MERGE
         from d2c_jax.models import load_base
@@ -157,15 +160,14 @@ class Sweep:
                 path = Path(args.tasks or task_suite.suite_dir()) / name / f"{split}.jsonl"
                 if not path.is_file():
                     raise SystemExit(f"error: task {name!r} has no {split} split: {path} missing")
-        dev = {name: task_suite.load_split(args.tasks, name, "dev") for name in self.library.names}
-        dev_objective = DevObjective(self.base, self.library, dev, self.merge_config)
+        # Every cell's job reads the same dev examples with the same merge and base.
+        job = self.job("d2c", BUDGETS[0], 0)
+        dev_objective = pipeline.build_objective(job, self.library, self.base)
         self.objective = CachedObjective(dev_objective)
         # The same objective on held-out test examples, never seen by any method: does
         # a lower dev J carry over to unseen examples (or does D2C overfit its 10)?
-        test = {
-            name: task_suite.load_split(args.tasks, name, "test")[:TEST_NLL_EXAMPLES]
-            for name in self.library.names
-        }
+        names = self.library.names
+        test = pipeline.read_task_examples(args.tasks, names, "test", TEST_NLL_EXAMPLES)
         self.test_objective = CachedObjective(dev_objective.with_examples(test))
         # Where scores are measured: the test slice (reported) or the validation slice
         # (examples [test_limit, 2 test_limit) of the test split; settings are chosen
@@ -198,6 +200,21 @@ class Sweep:
                     if data["names"].tolist() == list(self.library.names):
                         cached.load_state({"keys": data["keys"], "values": data["values"]})
 
+    def job(self, method: str, budget: str, seed: int):
+        """The `d2c_jax.pipeline.ClusterJob` of a cell: a D2C variant is ``d2c`` with
+        its `search_settings`; every job reads all dev examples, default merge."""
+        from d2c_jax.pipeline import ClusterJob
+
+        return ClusterJob(
+            budget=budget,
+            method="d2c" if method in D2C_VARIANTS else method,
+            settings=self.search_settings(method) or {},
+            library=self.library_dir,
+            tasks=self.args.tasks,
+            merge=self.merge_config,
+            seed=seed,
+        )
+
     def save_cache(self) -> None:
         for path, cached in self.caches.items():
             tmp = path.with_name(f".{path.stem}.tmp.npz")
@@ -206,13 +223,11 @@ class Sweep:
 
     def objectives(self, assign: np.ndarray, k: int) -> tuple[float, float]:
         """(dev J, test J) of an assignment ``[N]`` into K clusters."""
-        from d2c_jax.cluster import membership_mask
+        from d2c_jax.pipeline import mean_task_loss
 
-        masks = membership_mask(np.asarray(assign), k)
-        n = self.library.num_adapters
         return (
-            float(self.objective.cluster_losses(masks).sum() / n),
-            float(self.test_objective.cluster_losses(masks).sum() / n),
+            mean_task_loss(self.objective, assign, k),
+            mean_task_loss(self.test_objective, assign, k),
         )
 
     def search_settings(self, method: str) -> dict[str, Any] | None:
@@ -273,7 +288,7 @@ class Sweep:
         (K-Means and MBC often agree; D2C moves change two clusters at a time) are
         generated once.
         """
-        from d2c_jax.evaluate import evaluate_adapters, merged_task_adapters
+        from d2c_jax.pipeline import evaluate_assignment
 
         names = self.library.names
         members = {
@@ -282,12 +297,14 @@ class Sweep:
         }
         missing = [c for c, key in members.items() if key not in self.cluster_scores]
         if missing:
-            adapters = merged_task_adapters(self.library, assign, self.merge_config, missing)
-            scores = evaluate_adapters(
+            scores = evaluate_assignment(
                 self.base,
-                adapters,
+                self.library,
+                assign,
+                self.merge_config,
                 self.args.tasks,
                 "test",
+                clusters=missing,
                 limit=self.args.test_limit,
                 start=self.eval_start,
                 progress=False,
@@ -334,7 +351,8 @@ class Sweep:
         }
 
     def cell(self, method: str, budget: str, seed: int) -> dict[str, Any]:
-        from d2c_jax import cluster as clustering
+        from d2c_jax import pipeline
+        from d2c_jax.cluster import resolve_budget
 
         path = self.cell_path(method, budget, seed)
         name = path.stem
@@ -345,20 +363,12 @@ class Sweep:
                 write_json_atomic(path, stored)
             return stored
         lib = self.library
-        k = clustering.resolve_budget(budget, lib)
+        k = resolve_budget(budget, lib)
         settings = "_".join(str(v) for v in (self.search_settings(method) or {}).values())
         checkpoint = self.out / "ckpt" / f"{name}_n{lib.num_adapters}_{settings}"
-        before = self.objective.evaluations
-        start = time.perf_counter()
-        if method in D2C_VARIANTS:
-            search = clustering.D2CClustering(**self.search_settings(method))
-            result = search.fit(lib, k, seed, self.objective, checkpoint_dir=checkpoint)
-        else:
-            result = clustering.METHODS[method]().fit(lib, k, seed)
-        cluster_seconds = time.perf_counter() - start
-        # Member sets the method itself scored (not those scored below to report J).
-        candidates_scored = self.objective.evaluations - before
-        dev_j, test_j = self.objectives(result.assign, k)
+        job = self.job(method, budget, seed)
+        record = pipeline.fit(job, lib, k, self.objective, checkpoint_dir=checkpoint)
+        dev_j, test_j = self.objectives(record.assign, k)
         cell = {
             "name": name,
             "method": method,
@@ -366,12 +376,13 @@ class Sweep:
             "seed": seed,
             "k": k,
             "storage": k / lib.num_adapters,
-            "assignment": {t: int(result.assign[i]) for i, t in enumerate(lib.names)},
+            "assignment": {t: int(record.assign[i]) for i, t in enumerate(lib.names)},
             "dev_objective": dev_j,
             "test_objective": test_j,
-            "cluster_seconds": cluster_seconds,
-            "candidates_scored": candidates_scored,
-            "info": result.info,
+            "cluster_seconds": record.seconds,
+            # Member sets the method itself scored (not those scored to report J).
+            "candidates_scored": record.candidates_scored,
+            "info": record.info,
             "library": list(lib.names),
             "test_limit": self.args.test_limit,
             "search": self.search_settings(method),
@@ -382,7 +393,7 @@ class Sweep:
         # The cell supersedes its search checkpoint (kept only while the cell runs,
         # so that a killed sweep, also in a fresh clone, resumes mid-search).
         shutil.rmtree(checkpoint, ignore_errors=True)
-        cell[self.per_task_key] = self.evaluate_assignment(result.assign)
+        cell[self.per_task_key] = self.evaluate_assignment(record.assign)
         write_json_atomic(path, cell)
         return cell
 

@@ -19,6 +19,7 @@ a cap on D2C iterations, and a subset of each task's test split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m d2c_jax.demo",
         description=__doc__,
@@ -81,52 +82,65 @@ def main(argv: list[str] | None = None) -> int:
         "--base", default="default", help="'default' (embedded SmolLM2), an HF dir or a .gguf"
     )
     parser.add_argument(
-        "--tasks", type=Path, default=None, help="task-suite dir (default: built-in)"
+        "--tasks",
+        type=Path,
+        default=None,
+        help="task-suite directory with <task>/{dev,test}.jsonl (default: the built-in suite)",
     )
     for key, value in DEMO_DEFAULTS.items():
         choices = ("best", "sweep") if key == "mode" else None
         parser.add_argument(
             f"--{key.replace('_', '-')}", type=type(value), default=value, choices=choices
         )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from d2c_jax import cluster as clustering
-    from d2c_jax import tasks as task_suite
-    from d2c_jax.cluster.objective import DevObjective
-    from d2c_jax.cluster.output import load_clusters, save_clusters, task_adapters
-    from d2c_jax.commands.cluster import versions
-    from d2c_jax.evaluate import (
-        average_metrics,
-        evaluate_adapters,
-        relative_score,
-    )
-    from d2c_jax.library import AdapterLibrary, embedded_library_dir
+
+def demo_jobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The demo's clustering jobs (`d2c_jax.pipeline.ClusterJob`), one per method."""
     from d2c_jax.merging import DEFAULT_MERGE
-    from d2c_jax.models import load_base
+    from d2c_jax.pipeline import ClusterJob
 
-    start_all = time.perf_counter()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    library_dir = args.library or embedded_library_dir()
-    library = AdapterLibrary.load(library_dir)
-    base = load_base(args.base)
-    k = clustering.resolve_budget(args.budget, library)
-    print(
-        f"d2c-jax demo: clustering the {library.num_adapters} adapters of {library_dir} "
-        f"into K={k} merged adapters (budget {args.budget})"
+    common = ClusterJob(
+        budget=args.budget,
+        library=args.library,
+        tasks=args.tasks,
+        examples_per_task=args.dev_per_task,
+        merge=DEFAULT_MERGE,
+        seed=args.seed,
+        base=args.base,
+        report_dev_objective=True,
     )
-    dev = {
-        name: task_suite.load_split(args.tasks, name, "dev")[: args.dev_per_task]
-        for name in library.names
+    d2c = {"init": "kmeans", "mode": args.mode, "max_iters": args.max_iters}
+    return {
+        "random": dataclasses.replace(common, method="random"),
+        "kmeans": dataclasses.replace(common, method="kmeans"),
+        "d2c": dataclasses.replace(common, method="d2c", settings=d2c),
     }
-    objective = DevObjective(base, library, dev, DEFAULT_MERGE)
 
-    methods = {
-        "random": clustering.RandomClustering(),
-        "kmeans": clustering.KMeansClustering(),
-        "d2c": clustering.D2CClustering(init="kmeans", mode=args.mode, max_iters=args.max_iters),
+
+def method_row(name: str, record, scores: dict, single: dict) -> dict[str, Any]:
+    from d2c_jax.evaluate import average_metrics, relative_score
+
+    return {
+        "method": name,
+        "dev_objective": record.dev_objective,
+        "test_score": average_metrics(scores)["score"],
+        "test_exact_match": average_metrics(scores)["exact_match"],
+        "relative_score": relative_score(scores, single),
+        "cluster_seconds": record.seconds,
+        "candidates_scored": record.info.get("candidates_scored"),
+        "per_task": scores,
     }
-    rows = []
+
+
+def run_methods(args, jobs, library, base, k: int, out: Path) -> list[dict[str, Any]]:
+    """Cluster with every job (one shared dev objective), save each clustering and
+    evaluate its saved adapters; rows of the table, single adapters last."""
+    from d2c_jax import pipeline
+    from d2c_jax.cluster.output import save_clusters
+    from d2c_jax.evaluate import average_metrics, evaluate_adapters
+
+    objective = pipeline.build_objective(jobs["d2c"], library, base=base)
     single = evaluate_adapters(
         base,
         {name: library.adapter(i) for i, name in enumerate(library.names)},
@@ -134,38 +148,22 @@ def main(argv: list[str] | None = None) -> int:
         "test",
         limit=args.test_per_task,
     )
-    for name, method in methods.items():
-        start = time.perf_counter()
-        if name == "d2c":
-            result = method.fit(library, k, args.seed, objective)
-        else:
-            result = method.fit(library, k, args.seed)
-        seconds = time.perf_counter() - start
-        masks = clustering.membership_mask(result.assign, k)
-        dev_j = result.objective
-        if dev_j is None:
-            dev_j = float(objective.task_losses(masks).sum() / library.num_adapters)
-        save_clusters(out / name, library, result.assign, DEFAULT_MERGE)
+    rows = []
+    for name, job in jobs.items():
+        record = pipeline.fit(job, library, k, objective)
+        save_clusters(out / name, library, record.assign, job.merge)
         # Evaluate the adapters as saved (bfloat16 PEFT files), i.e. as deployed.
-        scores = evaluate_adapters(
+        scores = pipeline.evaluate_assignment(
             base,
-            task_adapters(*load_clusters(out / name)),
+            library,
+            record.assign,
+            job.merge,
             args.tasks,
             "test",
+            saved=out / name,
             limit=args.test_per_task,
         )
-        rows.append(
-            {
-                "method": name,
-                "dev_objective": dev_j,
-                "test_score": average_metrics(scores)["score"],
-                "test_exact_match": average_metrics(scores)["exact_match"],
-                "relative_score": relative_score(scores, single),
-                "cluster_seconds": seconds,
-                "candidates_scored": result.info.get("candidates_scored"),
-                "per_task": scores,
-            }
-        )
+        rows.append(method_row(name, record, scores, single))
     rows.append(
         {
             "method": "single adapters",
@@ -178,29 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             "per_task": single,
         }
     )
-    report = {
-        "k": k,
-        "n": library.num_adapters,
-        "budget": args.budget,
-        "storage_bytes": {
-            "merged": k * library.adapter_bytes(),
-            "library": library.storage_bytes(),
-        },
-        "merge": DEFAULT_MERGE.to_dict(),
-        "demo_settings": vars(args)
-        | {"out": str(out), "library": str(library_dir), "tasks": str(args.tasks or "built-in")},
-        "differs_from_full_sweep": (
-            f"1 seed (make paper: 3); {args.dev_per_task} of 10 dev examples per task; D2C "
-            f"in {args.mode} mode, at most {args.max_iters} iteration(s) (make paper: 1 "
-            f"sweep); {args.test_per_task} of 100 test examples per task (make paper: 50)"
-        ),
-        "rows": rows,
-        "versions": versions(),
-        "seconds": time.perf_counter() - start_all,
-    }
-    write_json_atomic(out / "report.json", report)
-    plot(report, out / "plot.png")
+    return rows
 
+
+def print_table(report: dict[str, Any], library, out: Path) -> None:
+    k, rows = report["k"], report["rows"]
     print()
     print(
         f"K={k} merged adapters of N={library.num_adapters} "
@@ -219,6 +199,52 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"\nDemo settings differ from the full sweep: {report['differs_from_full_sweep']}.")
     print(f"Report, plot and merged adapters: {out.resolve()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    from d2c_jax import pipeline
+    from d2c_jax.cluster import resolve_budget
+    from d2c_jax.commands.cluster import versions
+    from d2c_jax.models import load_base
+
+    start_all = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = demo_jobs(args)
+    library_dir = pipeline.library_dir(jobs["d2c"])
+    library = pipeline.load_library(jobs["d2c"])
+    base = load_base(args.base)
+    k = resolve_budget(args.budget, library)
+    print(
+        f"d2c-jax demo: clustering the {library.num_adapters} adapters of {library_dir} "
+        f"into K={k} merged adapters (budget {args.budget})"
+    )
+    rows = run_methods(args, jobs, library, base, k, out)
+    report = {
+        "k": k,
+        "n": library.num_adapters,
+        "budget": args.budget,
+        "storage_bytes": {
+            "merged": k * library.adapter_bytes(),
+            "library": library.storage_bytes(),
+        },
+        "merge": jobs["d2c"].merge.to_dict(),
+        "demo_settings": vars(args)
+        | {"out": str(out), "library": str(library_dir), "tasks": str(args.tasks or "built-in")},
+        "differs_from_full_sweep": (
+            f"1 seed (make paper: 3); {args.dev_per_task} of 10 dev examples per task; D2C "
+            f"in {args.mode} mode, at most {args.max_iters} iteration(s) (make paper: 1 "
+            f"sweep); {args.test_per_task} of 100 test examples per task (make paper: 50)"
+        ),
+        "rows": rows,
+        "versions": versions(),
+        "seconds": time.perf_counter() - start_all,
+    }
+    write_json_atomic(out / "report.json", report)
+    plot(report, out / "plot.png")
+    print_table(report, library, out)
     return 0
 
 

@@ -44,7 +44,7 @@ def cluster_args(root, hf_dir, out, *extra):
         str(hf_dir),
         "--library",
         str(root / "library"),
-        "--examples",
+        "--tasks",
         str(root / "examples"),
         "--budget",
         "25%",
@@ -107,6 +107,47 @@ def test_data_free_methods_report_their_dev_objective(tiny_setup, tmp_path, meth
     assert main(cluster_args(root, hf_dir, out, "--method", method)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dev_objective"] > 0
+
+
+@pytest.mark.parametrize("method", ["random", "kmeans", "mbc"])
+def test_data_free_methods_need_no_model_nor_examples(tiny_setup, tmp_path, monkeypatch, method):
+    # A library without examples: without --tasks a data-free method reads no examples,
+    # loads no base model and builds no objective (the model loader would fail).
+    import d2c_jax.models
+    from d2c_jax.cluster.objective import DevObjective
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data-free clustering loaded the model")
+
+    monkeypatch.setattr(d2c_jax.models, "load_base", refuse)
+    monkeypatch.setattr(DevObjective, "__init__", refuse)
+    root, hf_dir = tiny_setup
+    args = cluster_args(root, hf_dir, tmp_path / "out", "--method", method)
+    i = args.index("--tasks")
+    del args[i : i + 2]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["dev_objective"] is None and manifest["k"] == 3
+    assert len(json.loads((tmp_path / "out" / "assignment.json").read_text())) == NUM_TASKS
+
+
+def test_examples_is_the_hidden_old_name_of_tasks(tiny_setup, tmp_path, capsys):
+    from d2c_jax.cli import build_parser
+
+    root, hf_dir = tiny_setup
+    args = cluster_args(root, hf_dir, tmp_path / "old", "--method", "random")
+    args[args.index("--tasks")] = "--examples"
+    assert main(args) == 0
+    old = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert main(cluster_args(root, hf_dir, tmp_path / "new", "--method", "random")) == 0
+    new = json.loads((tmp_path / "new" / "manifest.json").read_text())
+    assert old["settings"] == new["settings"] and old["dev_objective"] == new["dev_objective"]
+    assert main([*args[:-2], "--tasks", str(root / "examples"), "--out", str(tmp_path / "x")]) == 2
+    assert "--examples is the old name of --tasks" in capsys.readouterr().err
+    sub = build_parser()._subparsers._group_actions[0].choices["cluster"]
+    text = sub.format_help()
+    assert "--tasks" in text and "--examples" not in text
+    assert "seeds the clustering" in " ".join(text.split())
 
 
 @pytest.mark.parametrize(

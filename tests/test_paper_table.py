@@ -121,3 +121,43 @@ def test_results_sections_are_replaced_in_place(tmp_path):
     assert text.index("## paper table") < text.index("## ablation")
     assert "| b |" in text and "| a |" not in text and text.count("## paper table") == 1
     assert "first" in text and "`python x.py --eval val`" in text
+
+
+def test_sweep_cells_on_a_tiny_model(tmp_path, monkeypatch, tiny_hf_dir, tiny_config):
+    """`Sweep` end to end through the pipeline: cells are written, a D2C variant that
+    starts from K-Means ends no higher in dev J, a rerun reuses every cell, and
+    ``--eval val`` scores the stored clusterings on their own key."""
+    import json
+
+    import numpy as np
+
+    import d2c_jax.models
+    from benchmarks.paper_table import main
+    from tests.conftest import save_random_library
+
+    tasks = [f"task{i}" for i in range(6)]
+    save_random_library(tmp_path / "library", tiny_config, tasks, seed=5, std=0.4)
+    rng = np.random.default_rng(1)
+    for task in tasks:
+        (tmp_path / "tasks" / task).mkdir(parents=True)
+        for split, n in (("dev", 3), ("test", 4)):
+            rows = [{"prompt": f"{task} {rng.choice(['a', 'b'])}", "target": "x"}] * n
+            text = "".join(json.dumps(r) + "\n" for r in rows)
+            (tmp_path / "tasks" / task / f"{split}.jsonl").write_text(text)
+    real_load = d2c_jax.models.load_base
+    monkeypatch.setattr(d2c_jax.models, "load_base", lambda name: real_load(str(tiny_hf_dir)))
+    out = tmp_path / "results" / "paper_table"
+    argv = ["--out", str(out), "--library", str(tmp_path / "library"), "--tasks",
+            str(tmp_path / "tasks"), "--budgets", "2", "--seeds", "0", "--test-limit", "2",
+            "--methods", "kmeans", "d2c_kmeans_nll_sweep"]  # fmt: skip
+    assert main(argv) == 0
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    kmeans, d2c = cells["kmeans_2_0"], cells["d2c_kmeans_nll_sweep_2_0"]
+    assert sorted(kmeans["per_task"]) == tasks and kmeans["candidates_scored"] == 0
+    assert d2c["dev_objective"] <= kmeans["dev_objective"] + 1e-9
+    assert d2c["candidates_scored"] > 0 and d2c["search"]["mode"] == "sweep"
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    assert main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps
+    assert main([*argv, "--eval", "val"]) == 0
+    assert "per_task_val" in json.loads((out / "cells" / "kmeans_2_0.json").read_text())

@@ -13,6 +13,10 @@ only float summation order), so a run may be resumed on another count. With
 ``--distributed`` every host runs the same command after `jax.distributed.initialize`
 (docs/ARCHITECTURE.md, "Scaling out"); process 0 writes OUT, and such runs keep no
 checkpoints (orbax would need every process to share OUT).
+
+The flags map to a `d2c_jax.pipeline.ClusterJob` in one place (`job_from_args`) and
+the pipeline fits it; this module adds what a command needs around that: checks of
+OUT and the inputs, ``--resume`` / ``--force``, and the atomic writes of OUT.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +69,15 @@ def add_parser(subparsers) -> None:
         "--library", type=Path, default=None, help="library dir (default: the embedded one)"
     )
     parser.add_argument(
-        "--examples",
+        "--tasks",
         type=Path,
         default=None,
-        help="examples dir with <task>/<split>.jsonl (default: the built-in task suite); "
-        "required by d2c, optional for the others (then their dev objective is reported)",
+        help="task-suite directory with <task>/<split>.jsonl (default: the built-in suite); "
+        "d2c fits on its examples; random, kmeans, mbc and kmerge read it only when it is "
+        "given, to report their dev objective",
     )
+    # The old name of --tasks, hidden; it still works.
+    parser.add_argument("--examples", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--split",
         default="dev",
@@ -203,20 +209,26 @@ def add_parser(subparsers) -> None:
         help="replace OUT if it is a previous `d2c cluster` output (anything else is refused); "
         "the old output is kept until the new one is complete",
     )
-    add_merge_arguments(parser, method_flag="--merge")
-    # --seed (from the merge flags) seeds the clustering too: random and k-means++
-    # initialisations, sweep order, and DARE's masks.
+    add_merge_arguments(
+        parser,
+        method_flag="--merge",
+        seed_help="seeds the clustering (random and k-means++ initialisations, d2c's sweep "
+        "order) and DARE's random masks (default: %(default)s)",
+    )
     parser.set_defaults(func=run)
 
 
-def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, job, library_dir: Path, tasks_dir: Path) -> dict[str, Any]:
+    """The run's settings as recorded in OUT (``--resume`` compares them). The key
+    "examples" holds the task-suite directory (the flag's old name, kept so that
+    earlier outputs still resume); the D2C flags are recorded for every method."""
     return {
         "base": str(args.base),
-        "library": str(args.library),
-        "examples": str(args.examples),
-        "split": args.split,
-        "budget": str(args.budget),
-        "method": args.method,
+        "library": str(library_dir),
+        "examples": str(tasks_dir),
+        "split": job.split,
+        "budget": job.budget,
+        "method": job.method,
         "init": args.init,
         "mode": args.mode,
         "max_iters": args.max_iters,
@@ -227,8 +239,8 @@ def _settings(args: argparse.Namespace, merge_config) -> dict[str, Any]:
         "screen_top": args.screen_top,
         "screen_sample": args.screen_sample,
         "screen_min_corr": args.screen_min_corr,
-        "seed": args.seed,
-        "merge": merge_config.to_dict(),
+        "seed": job.seed,
+        "merge": job.merge.to_dict(),
     }
 
 
@@ -339,7 +351,53 @@ def _undo_out(out: Path, state: str, aside: Path | None, existed: bool) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def job_from_args(args: argparse.Namespace):
+    """The `ClusterJob` the flags describe: the one place flags map to the pipeline.
+
+    A flag whose name is a field of the method's class (``--init`` for
+    `D2CClustering.init`, ...) sets that field. A data-free method reports its dev
+    objective only when the task suite is given explicitly (``--tasks``).
+    """
+    from d2c_jax.cluster import METHODS
+    from d2c_jax.cluster.objective import ObjectiveConfig
+    from d2c_jax.commands.merge_args import merge_config_from_args
+    from d2c_jax.merging import DEFAULT_MERGE
+    from d2c_jax.pipeline import ClusterJob
+
+    fields = dataclasses.fields(METHODS[args.method])
+    tasks, _ = tasks_flag(args)
+    return ClusterJob(
+        budget=str(args.budget),
+        method=args.method,
+        settings={f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)},
+        library=args.library,
+        tasks=tasks,
+        split=args.split,
+        # Without --density, sparsifying merges use the engine default (the TIES paper's).
+        merge=merge_config_from_args(args, default_density=DEFAULT_MERGE.density),
+        seed=args.seed,
+        base=args.base,
+        scoring=ObjectiveConfig(
+            score_deployed=args.score_deployed,
+            candidates_per_call=args.candidates_per_call,
+            devices=args.devices,
+        ),
+        report_dev_objective=tasks is not None,
+    )
+
+
+def tasks_flag(args: argparse.Namespace) -> tuple[Path | None, str]:
+    """``(task-suite dir or None, the flag that named it)``; ``--examples`` is the
+    deprecated name of ``--tasks``."""
+    if args.tasks is not None and args.examples is not None:
+        raise CommandError("--examples is the old name of --tasks; give only --tasks")
+    if args.examples is not None:
+        return args.examples, "--examples"
+    return args.tasks, "--tasks"
+
+
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Initialise multi-host JAX if asked; whether this process writes OUT."""
     import jax
 
     if args.distributed:
@@ -351,96 +409,75 @@ def run(args: argparse.Namespace) -> int:
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
-    writer = jax.process_index() == 0
-    from d2c_jax import cluster as clustering
-    from d2c_jax import tasks as task_suite
-    from d2c_jax.adapters import check_adapter_for_base
-    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
-    from d2c_jax.cluster.output import save_clusters
-    from d2c_jax.commands.merge_args import merge_config_from_args
-    from d2c_jax.examples import read_examples
-    from d2c_jax.library import AdapterLibrary, embedded_library_dir
-    from d2c_jax.merging import DEFAULT_MERGE
-    from d2c_jax.models import load_base
+    return jax.process_index() == 0
 
-    # Without --density, sparsifying merges use the engine default (the TIES paper's).
-    merge_config = merge_config_from_args(args, default_density=DEFAULT_MERGE.density)
-    library_dir = args.library or embedded_library_dir()
-    examples_dir = args.examples or task_suite.suite_dir()
-    args.library, args.examples = library_dir, examples_dir
-    settings = _settings(args, merge_config)
-    if args.examples is not None and not Path(args.examples).is_dir():
-        raise CommandError(f"--examples {args.examples}: no such directory")
+
+def run(args: argparse.Namespace) -> int:
+    from d2c_jax import pipeline
+    from d2c_jax.cluster import resolve_budget
+
+    writer = _start_distributed(args)
+    job = job_from_args(args)
+    _, flag = tasks_flag(args)
+    library_dir = pipeline.library_dir(job)
+    examples_dir = pipeline.tasks_dir(job)
+    settings = _settings(args, job, library_dir, examples_dir)
+    if job.tasks is not None and not Path(job.tasks).is_dir():
+        raise CommandError(f"{flag} {job.tasks}: no such directory")
     base_path = None if str(args.base) == "default" else args.base
     out = check_out(
         args.out,
         kind="dir",
-        inputs=[("--library", library_dir), ("--examples", examples_dir), ("--base", base_path)],
+        inputs=[("--library", library_dir), (flag, examples_dir), ("--base", base_path)],
     )
     state = _prepare_out(out, settings, args.resume, args.force) if writer else "new"
-    library = AdapterLibrary.load(library_dir)
-    k = clustering.resolve_budget(args.budget, library)
+    library = pipeline.load_library(job)
+    k = resolve_budget(job.budget, library)
     if state == "finished":
         remove_leftovers(out)
         shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)
         print(f"{out} holds a finished run with these settings; nothing to do")
         return 0
-
-    wants_objective = args.method == "d2c" or args.examples is not None
     objective = None
-    base = None
-    if wants_objective:
-        examples = {}
-        for name in library.names:
-            path = Path(examples_dir) / name / f"{args.split}.jsonl"
-            if path.is_file():
-                check_jsonl(path, "--examples")
-                examples[name] = read_examples(path)
-        base = load_base(args.base)
-        check_adapter_for_base(base, library)
-        objective = DevObjective(
-            base,
-            library,
-            examples,
-            merge_config,
-            ObjectiveConfig(
-                score_deployed=args.score_deployed,
-                candidates_per_call=args.candidates_per_call,
-                devices=args.devices,
-            ),
-        )
-
+    if pipeline.needs_objective(job):
+        check = lambda path: check_jsonl(path, flag)  # noqa: E731
+        objective = pipeline.build_objective(job, library, check=check)
     if not writer:
-        _search(args, library, k, objective, out)
+        pipeline.fit(job, library, k, objective)
         return 0
+    record = _write_run(out, settings, state, job, library, k, objective)
+    dev = record.dev_objective
+    print(
+        f"{job.method}: K={k} of N={library.num_adapters}, dev objective "
+        f"{dev if dev is None else f'{dev:.4f}'}, {record.seconds:.1f} s -> {out}"
+    )
+    return 0
+
+
+def _write_run(out: Path, settings, state: str, job, library, k: int, objective):
+    """Fit and write OUT (process 0): run state, clusters, log, then the manifest,
+    which marks the run finished; a failed run is undone (`_undo_out`)."""
+    import jax
+
+    from d2c_jax import pipeline
+    from d2c_jax.cluster import output
+
     existed = out.exists()
     aside = _start_out(out, settings, state)
     try:
         if state == "resume":
             remove_leftovers(out)
-        method, result, seconds, dev_objective = _search(args, library, k, objective, out)
-        save_clusters(out, library, result.assign, merge_config)
+        # Multi-host runs keep no checkpoints (see module docstring).
+        single = jax.process_count() == 1
+        checkpoint = out / SEARCH_DIR / "ckpt" if single else None
+        record = pipeline.fit(job, library, k, objective, checkpoint_dir=checkpoint)
+        output.save_clusters(out, library, record.assign, job.merge)
         tmp_log = out / ".log.jsonl.tmp"
-        tmp_log.write_text("".join(json.dumps(entry) + "\n" for entry in result.log))
+        tmp_log.write_text("".join(json.dumps(entry) + "\n" for entry in record.log))
         os.replace(tmp_log, out / "log.jsonl")
-        manifest = {
-            "settings": settings,
-            "k": k,
-            "num_adapters": library.num_adapters,
-            "method_settings": dataclasses.asdict(method),
-            "dev_objective": dev_objective,
-            "info": result.info,
-            "seconds": seconds,
-            "storage": {
-                "merged_bytes_bf16": k * library.adapter_bytes(),
-                "library_bytes_bf16": library.storage_bytes(),
-                "fraction": k / library.num_adapters,
-            },
-            "versions": versions(),
-        }
         # The manifest marks the run as finished (a killed run with a manifest is
         # recognised by --resume); the search state goes after it.
-        write_json_atomic(out / MANIFEST_NAME, manifest)
+        write_json_atomic(out / MANIFEST_NAME, _manifest(settings, record, library))
     except BaseException:
         _undo_out(out, state, aside, existed)
         raise
@@ -448,50 +485,26 @@ def run(args: argparse.Namespace) -> int:
     remove_leftovers(out)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
-    print(
-        f"{args.method}: K={k} of N={library.num_adapters}, dev objective "
-        f"{dev_objective if dev_objective is None else f'{dev_objective:.4f}'}, "
-        f"{seconds:.1f} s -> {out}"
-    )
-    return 0
+    return record
 
 
-def _search(args: argparse.Namespace, library, k: int, objective, out: Path):
-    """Run the clustering method: ``(method, result, seconds, dev objective)``."""
-    import jax
-
-    from d2c_jax import cluster as clustering
-
-    start = time.perf_counter()
-    if args.method == "d2c":
-        method = clustering.D2CClustering(
-            init=args.init,
-            mode=args.mode,
-            max_iters=args.max_iters,
-            destinations=args.destinations,
-            tol=args.tol,
-            task_loss=args.task_loss,
-            screen_top=args.screen_top,
-            screen_sample=args.screen_sample,
-            screen_min_corr=args.screen_min_corr,
-        )
-        single = jax.process_count() == 1
-        result = method.fit(
-            library,
-            k,
-            args.seed,
-            objective,
-            checkpoint_dir=out / SEARCH_DIR / "ckpt" if single else None,
-        )
-    else:
-        method = clustering.METHODS[args.method]()
-        result = method.fit(library, k, args.seed)
-    seconds = time.perf_counter() - start
-    dev_objective = result.objective
-    if dev_objective is None and objective is not None:
-        masks = clustering.membership_mask(result.assign, k)
-        dev_objective = float(objective.task_losses(masks).sum() / library.num_adapters)
-    return method, result, seconds, dev_objective
+def _manifest(settings: dict[str, Any], record, library) -> dict[str, Any]:
+    k = record.k
+    return {
+        "settings": settings,
+        "k": k,
+        "num_adapters": library.num_adapters,
+        "method_settings": record.method_settings,
+        "dev_objective": record.dev_objective,
+        "info": record.info,
+        "seconds": record.seconds,
+        "storage": {
+            "merged_bytes_bf16": k * library.adapter_bytes(),
+            "library_bytes_bf16": library.storage_bytes(),
+            "fraction": k / library.num_adapters,
+        },
+        "versions": versions(),
+    }
 
 
 def versions() -> dict[str, str]:

@@ -66,7 +66,10 @@ def add_parser(subparsers) -> None:
         "adapters to merge when --assignment is a file (default: the embedded library)",
     )
     parser.add_argument(
-        "--tasks", type=Path, default=None, help="task-suite directory (default: built-in)"
+        "--tasks",
+        type=Path,
+        default=None,
+        help="task-suite directory with <task>/<split>.jsonl (default: the built-in suite)",
     )
     parser.add_argument(
         "--split",

@@ -23,12 +23,15 @@ def _default_divisors() -> str:
     return "; ".join(f"{d} for {', '.join(names)}" for d, names in by_divisor.items())
 
 
-def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--method") -> None:
+def add_merge_arguments(
+    parser: argparse.ArgumentParser, method_flag: str = "--method", seed_help: str | None = None
+) -> None:
     """Register the flags that define a merge (shared by every command that merges).
 
     The merge method's flag is `method_flag` (``d2c cluster`` uses ``--merge``, its
     ``--method`` being the clustering method); its value lands in
-    ``args.merge_method`` either way.
+    ``args.merge_method`` either way. ``seed_help`` replaces the help of ``--seed``
+    (a command whose seed also seeds something else says so).
     """
     from d2c_jax.commands.checks import finite_float, fraction
 
@@ -114,7 +117,8 @@ def add_merge_arguments(parser: argparse.ArgumentParser, method_flag: str = "--m
         "--seed",
         type=int,
         default=0,
-        help="seed of DARE's random masks; an adapter's mask depends on the seed and its name "
+        help=seed_help
+        or "seed of DARE's random masks; an adapter's mask depends on the seed and its name "
         "(default: %(default)s)",
     )
 

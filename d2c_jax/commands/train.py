@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
         "--tasks",
         type=Path,
         default=None,
-        help="task-suite directory (<task>/train.jsonl); default: the built-in suite",
+        help="task-suite directory with <task>/train.jsonl (default: the built-in suite)",
     )
     parser.add_argument(
         "--only",
