@@ -191,13 +191,17 @@ def test_refuses_to_overwrite_and_checks_resume_settings(tiny_setup, tmp_path, c
     assert "other settings (['method'])" in capsys.readouterr().err
 
 
+# Many small iterations (one move each), so that a kill lands mid-search.
+BEST_MODE = ("--mode", "best", "--max-iters", "50", "--task-loss", "nll")
+
+
 def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
     root, hf_dir = tiny_setup
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "d2c_jax.cli"]
     full = tmp_path / "full"
     subprocess.run(
-        [*command, *cluster_args(root, hf_dir, full, "--method", "d2c")],
+        [*command, *cluster_args(root, hf_dir, full, "--method", "d2c", *BEST_MODE)],
         check=True,
         env=env,
         capture_output=True,
@@ -207,7 +211,7 @@ def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c")],
+        [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c", *BEST_MODE)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -224,7 +228,7 @@ def test_killed_search_resumes_to_the_same_assignment(tiny_setup, tmp_path):
     assert not (killed / "assignment.json").exists(), "the run finished before it was killed"
 
     subprocess.run(
-        [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c", "--resume")],
+        [*command, *cluster_args(root, hf_dir, killed, "--method", "d2c", *BEST_MODE, "--resume")],
         check=True,
         env=env,
         capture_output=True,

@@ -315,7 +315,7 @@ class D2CClustering:
         progress: bool = True,
     ) -> ClusteringResult:
         if objective is None:
-            raise ValueError("d2c needs dev examples: pass an objective (--examples)")
+            raise ValueError("d2c needs dev examples: pass an objective (--tasks)")
         if getattr(objective, "num_tasks", None) != library.num_adapters:
             raise ValueError(
                 f"objective covers {objective.num_tasks} tasks, library has {library.num_adapters}"

@@ -49,7 +49,7 @@ MANIFEST_NAME = "manifest.json"
 
 def add_parser(subparsers) -> None:
     from d2c_jax.cluster import METHODS, D2CClustering
-    from d2c_jax.cluster.d2c import INITS, MODES, TASK_LOSSES
+    from d2c_jax.cluster.d2c import INITS, MODES, SWEEP_DESTINATIONS, TASK_LOSSES
     from d2c_jax.commands.merge_args import add_merge_arguments
 
     parser = subparsers.add_parser(
@@ -119,11 +119,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--destinations",
         type=nonnegative_int,
-        default=d2c.destinations,
+        default=None,
         metavar="M",
         help="d2c sweep mode: score only each adapter's M most promising destination "
         "clusters (ranked by its task's loss under each current merge); 0 = all "
-        f"(default: {d2c.destinations})",
+        f"(default: {SWEEP_DESTINATIONS} in sweep mode)",
     )
     parser.add_argument(
         "--tol",
