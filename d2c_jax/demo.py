@@ -1,19 +1,22 @@
 """`make demo`: the main job on the embedded default, end to end, in about 15 minutes.
 
 Clusters the embedded library (40 LoRA adapters on SmolLM2-135M-Instruct, one per
-task of the built-in suite) into K = 12.5% of its size with random, K-Means and
-D2C, merges each cluster (the engine's default merge), and evaluates every
-task's merged adapter on held-out *test* examples, next to the single adapters.
-Prints a table and writes to the output directory:
+task of the built-in suite) into K = 12.5% of its size with random, K-Means, MBC,
+K-Merge and D2C (its defaults, as `d2c cluster` and `make paper` run it), merges each
+cluster (the engine's default merge), evaluates every task's merged adapter on
+held-out *test* examples next to the single adapters, and exports D2C's adapters for
+the device (llama.cpp LoRA GGUFs, `d2c export`). Prints a table and writes to the
+output directory:
 
   report.json              every number of the table, settings, versions, timings
   plot.png                 test score and dev objective per method
   <method>/cluster_<k>/    the merged PEFT adapters
   <method>/assignment.json task -> cluster
+  device/                  D2C's adapters as llama.cpp LoRA GGUFs + routing.json
 
 The demo differs from the full sweep (`make paper`) only in size, and says so in
 its output: one seed, a subset of the dev examples per task for D2C's objective,
-a cap on D2C iterations, and a subset of each task's test split.
+and a subset of each task's test split.
 """
 
 from __future__ import annotations
@@ -28,19 +31,19 @@ from typing import Any
 from d2c_jax.library import write_json_atomic
 
 # Sized for 15 minutes on a 2-core CPU with the 40-adapter library, install included.
-# Measured on a quiet machine: 12 min 29 s after a 63 s `make install` (peak RSS
-# 8.1 GB), of which the D2C sweep (40 visits of ~5 member sets of ~8 tasks on 2 dev
-# examples each, ~10.5 s per visit) took 428 s and the test answers (8 per task for
-# the single adapters and three clusterings) about 3 minutes. With 3 dev examples per
-# task the demo took 14 min 53 s (same D2C test score), with 4 it overran.
+# Measured on a quiet machine with the earlier D2C (a full sweep from K-Means, 40
+# visits of ~5 member sets of ~8 tasks on 2 dev examples each, ~10.5 s per visit):
+# 12 min 29 s after a 63 s `make install` (peak RSS 8.1 GB), of which the sweep took
+# 428 s and the test answers (8 per task, single adapters and three clusterings) about
+# 3 minutes. Today's D2C scores 2 member sets per visit (plus the K merges on every
+# task once), about half the sweep's work, which pays for the two added rows.
 DEMO_DEFAULTS = {
     "budget": "12.5%",
     "dev_per_task": 2,
     "test_per_task": 8,
-    "mode": "sweep",
-    "max_iters": 1,
     "seed": 0,
 }
+METHODS = ("random", "kmeans", "mbc", "kmerge", "d2c")
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -88,10 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="task-suite directory with <task>/{dev,test}.jsonl (default: the built-in suite)",
     )
     for key, value in DEMO_DEFAULTS.items():
-        choices = ("best", "sweep") if key == "mode" else None
-        parser.add_argument(
-            f"--{key.replace('_', '-')}", type=type(value), default=value, choices=choices
-        )
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     return parser.parse_args(argv)
 
 
@@ -110,12 +110,7 @@ def demo_jobs(args: argparse.Namespace) -> dict[str, Any]:
         base=args.base,
         report_dev_objective=True,
     )
-    d2c = {"init": "kmeans", "mode": args.mode, "max_iters": args.max_iters}
-    return {
-        "random": dataclasses.replace(common, method="random"),
-        "kmeans": dataclasses.replace(common, method="kmeans"),
-        "d2c": dataclasses.replace(common, method="d2c", settings=d2c),
-    }
+    return {name: dataclasses.replace(common, method=name) for name in METHODS}
 
 
 def method_row(name: str, record, scores: dict, single: dict) -> dict[str, Any]:
@@ -129,6 +124,9 @@ def method_row(name: str, record, scores: dict, single: dict) -> dict[str, Any]:
         "relative_score": relative_score(scores, single),
         "cluster_seconds": record.seconds,
         "candidates_scored": record.info.get("candidates_scored"),
+        "search_objective": record.search_objective,
+        "search_start": record.info.get("start"),
+        "search_initial_objective": record.info.get("initial_objective"),
         "per_task": scores,
     }
 
@@ -234,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         "demo_settings": vars(args)
         | {"out": str(out), "library": str(library_dir), "tasks": str(args.tasks or "built-in")},
         "differs_from_full_sweep": (
-            f"1 seed (make paper: 3); {args.dev_per_task} of 10 dev examples per task; D2C "
-            f"in {args.mode} mode, at most {args.max_iters} iteration(s) (make paper: 1 "
-            f"sweep); {args.test_per_task} of 100 test examples per task (make paper: 50)"
+            f"1 seed (make paper: 5); {args.dev_per_task} of 10 dev examples per task for "
+            f"D2C's objective; {args.test_per_task} of 100 test examples per task (make "
+            "paper: 50)"
         ),
         "rows": rows,
         "versions": versions(),
@@ -245,7 +243,31 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(out / "report.json", report)
     plot(report, out / "plot.png")
     print_table(report, library, out)
+    export_for_device(args, out, library_dir)
     return 0
+
+
+def export_for_device(args: argparse.Namespace, out: Path, library_dir: Path) -> None:
+    """D2C's clusters as llama.cpp LoRA GGUFs in ``out/device`` (`d2c export`), when the
+    base is a GGUF (the embedded default is)."""
+    from d2c_jax.export import export_clusters
+    from d2c_jax.models import default_gguf_path
+
+    base_file = default_gguf_path() if args.base == "default" else Path(args.base)
+    if base_file.suffix.lower() != ".gguf":
+        print("Device export skipped: the base model is not a GGUF file.")
+        return
+    device = export_clusters(
+        out / "d2c", out / "device", base_file, library_dir=library_dir, overwrite=True
+    )
+    s = device["storage"]
+    print(
+        f"For the device (llama.cpp LoRA GGUF, {device['dtype']}): {(out / 'device').resolve()}\n"
+        f"  {s['num_adapters']} adapter files, {s['adapters_bytes'] / 1e6:.2f} MB vs "
+        f"{s['single_adapters_bytes'] / 1e6:.2f} MB for the {s['num_single_adapters']} single "
+        f"adapters ({s['fraction']:.1%}); base {device['base_model']['file_name']} "
+        f"({device['base_model']['bytes'] / 1e6:.0f} MB); task -> file in routing.json"
+    )
 
 
 if __name__ == "__main__":

@@ -109,8 +109,10 @@ class ClusterRecord:
         (``dataclasses.asdict``).
       assign: ``[N]`` int, cluster of each adapter (library order).
       k: number of clusters K.
-      dev_objective: J of ``assign``: the method's own when it computed one (D2C, with
-        its task loss), else the mean dev NLL over tasks; None without an objective.
+      dev_objective: mean over tasks of the dev NLL under their cluster's merge (J with
+        the ``nll`` task loss, comparable across methods); None without an objective.
+      search_objective: the J the method itself minimised, when it computed one (D2C,
+        with its task loss), else None.
       seconds: wall time of the method's fit alone.
       timings: ``{"fit": s, "dev_objective": s}``.
       candidates_scored: member sets the objective scored during the fit (None
@@ -124,6 +126,7 @@ class ClusterRecord:
     assign: np.ndarray
     k: int
     dev_objective: float | None
+    search_objective: float | None
     seconds: float
     timings: dict[str, float]
     candidates_scored: int | None
@@ -235,14 +238,15 @@ def fit(
     seconds = time.perf_counter() - start
     scored = None if evaluations is None else objective.evaluations - evaluations
     dev_objective = result.objective
-    if dev_objective is None and objective is not None:
-        dev_objective = mean_task_loss(objective, result.assign, k)
+    if result.info.get("task_loss", "nll") != "nll" or (dev_objective is None and objective):
+        dev_objective = None if objective is None else mean_task_loss(objective, result.assign, k)
     return ClusterRecord(
         method=job.method,
         method_settings=dataclasses.asdict(method),
         assign=np.asarray(result.assign),
         k=k,
         dev_objective=dev_objective,
+        search_objective=result.objective,
         seconds=seconds,
         timings={"fit": seconds, "dev_objective": time.perf_counter() - start - seconds},
         candidates_scored=scored,

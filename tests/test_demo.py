@@ -37,7 +37,7 @@ def demo_run(tmp_path_factory, tiny_hf_dir, tiny_config):
     args = [
         "--base", str(tiny_hf_dir), "--library", str(root / "library"),
         "--tasks", str(root / "tasks"), "--budget", "2", "--dev-per-task", "2",
-        "--test-per-task", "3", "--max-iters", "2", "--out", str(root / "out"),
+        "--test-per-task", "3", "--out", str(root / "out"),
     ]  # fmt: skip
     return root / "out", args
 
@@ -50,19 +50,23 @@ def test_demo_writes_clusterings_report_and_plot(demo_run, capsys):
     assert (out / "plot.png").stat().st_size > 0
     assert report["k"] == 2 and report["n"] == len(TASKS)
     rows = {r["method"]: r for r in report["rows"]}
-    assert list(rows) == ["random", "kmeans", "d2c", "single adapters"]
-    for method in ("random", "kmeans", "d2c"):
+    methods = ["random", "kmeans", "mbc", "kmerge", "d2c"]
+    assert list(rows) == [*methods, "single adapters"]
+    for method in methods:
         assignment = json.loads((out / method / "assignment.json").read_text())
         assert sorted(assignment) == TASKS and set(assignment.values()) == {0, 1}
         for cluster in (0, 1):
             assert (out / method / f"cluster_{cluster}" / "adapter_model.safetensors").is_file()
         assert sorted(rows[method]["per_task"]) == TASKS
-    # D2C starts from the same K-Means clustering and never increases the objective.
-    assert rows["d2c"]["dev_objective"] <= rows["kmeans"]["dev_objective"] + 1e-9
+    # D2C starts from K-Means or MBC (whichever has the lower J) and never increases J.
+    d2c = rows["d2c"]
+    assert d2c["search_start"] in ("kmeans", "mbc")
+    assert d2c["search_objective"] <= d2c["search_initial_objective"] + 1e-9
     assert rows["single adapters"]["relative_score"] == 1.0
     # The printed table carries the report's numbers.
     for row in report["rows"]:
         line = next(x for x in printed.splitlines() if x.startswith(f"{row['method']} "))
         assert f"{row['test_score']:.1f}" in line
     assert "differ from the full sweep" in printed
-    assert report["demo_settings"]["max_iters"] == 2
+    assert report["demo_settings"]["dev_per_task"] == 2
+    assert "Device export skipped: the base model is not a GGUF file." in printed

@@ -448,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
     record = _write_run(out, settings, state, job, library, k, objective)
     dev = record.dev_objective
     print(
-        f"{job.method}: K={k} of N={library.num_adapters}, dev objective "
+        f"{job.method}: K={k} of N={library.num_adapters}, dev objective (mean NLL) "
         f"{dev if dev is None else f'{dev:.4f}'}, {record.seconds:.1f} s -> {out}"
     )
     return 0
@@ -496,6 +496,7 @@ def _manifest(settings: dict[str, Any], record, library) -> dict[str, Any]:
         "num_adapters": library.num_adapters,
         "method_settings": record.method_settings,
         "dev_objective": record.dev_objective,
+        "search_objective": record.search_objective,
         "info": record.info,
         "seconds": record.seconds,
         "storage": {
