@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="d2c",
         description=(
-            "Compress a library of LoRA adapters into K multi-task adapters: "
-            "merge, score, generate, train, cluster (random, kmeans, mbc, d2c) and evaluate."
+            "Compress a library of LoRA adapters into K multi-task adapters: merge, score, "
+            "generate, train, cluster (random, kmeans, mbc, kmerge, d2c), evaluate and export."
         ),
         formatter_class=HelpFormatter,
     )
