@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,15 @@ def evaluate_setting(
     )
 
 
+def tasks_root_label(root: Path, library_dir: Path) -> str:
+    """How the manifest names the task suite: ``"built-in"`` for the package's own suite,
+    otherwise its path relative to the library directory (machine-independent)."""
+    root = Path(root).resolve()
+    if root == Path(task_suite.suite_dir()).resolve():
+        return "built-in"
+    return os.path.relpath(root, Path(library_dir).resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     from d2c_jax.evaluate import average_metrics, relative_score
     from d2c_jax.merging import DEFAULT_MERGE
@@ -128,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     records = train_library(base, data, args.out, config, base_model_name=base.name)
     manifest: dict[str, Any] = {
         "base_model": base.name,
-        "tasks_root": str(root),
+        # No absolute path of the build machine in a committed manifest: the built-in
+        # suite is named as such, another suite relative to the library.
+        "tasks_root": tasks_root_label(root, args.out),
         "train_config": config.__dict__ | {"target_modules": list(config.target_modules)},
         "training": {
             name: {k: records[name][k] for k in ("steps", "stop_reason", "best_val_nll", "seconds")}

@@ -289,6 +289,7 @@ def evaluate_cached(
     cache_path,
     *,
     identity=None,
+    stamps: Mapping[str, str] | None = None,
     chat_template: bool = False,
     max_new_tokens: int = 32,
     limit: int | None = None,
@@ -302,9 +303,11 @@ def evaluate_cached(
     determines the adapters, such as the members and merge settings of merged
     adapters); tasks already in a file with the same key are not evaluated again and
     new tasks are added to it, so single adapters of a library that grows keep their
-    earlier results. The cache trusts that a task's adapter has not changed since it
-    was stored: delete the file after retraining. Writing is best effort (an
-    installed library may be read-only); results are returned either way.
+    earlier results. ``stamps`` (``{task: fingerprint of its adapter files}``), when
+    given, are stored with the results, and a task whose stamp changed is evaluated
+    again; without them the cache trusts that a task's adapter has not changed since
+    it was stored (delete the file after retraining). Writing is atomic and best
+    effort (the cache's directory may be read-only); results are returned either way.
 
     Returns ``{task: task_metrics}`` for exactly the tasks of ``adapters``.
     """
@@ -325,6 +328,7 @@ def evaluate_cached(
         "identity": identity,
     }
     stored: dict[str, dict] = {}
+    stored_stamps: dict[str, str] = {}
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -332,7 +336,13 @@ def evaluate_cached(
             raise ValueError(f"{path}: evaluation cache is not valid JSON ({err})") from err
         if data.get("settings") == key:
             stored = data["per_task"]
-    missing = {task: adapter for task, adapter in adapters.items() if task not in stored}
+            stored_stamps = data.get("stamps") or {}
+    missing = {
+        task: adapter
+        for task, adapter in adapters.items()
+        if task not in stored
+        or (stamps is not None and stored_stamps.get(task) != stamps.get(task))
+    }
     if missing:
         stored = stored | evaluate_adapters(
             base,
@@ -345,8 +355,12 @@ def evaluate_cached(
             limit=limit,
             progress=progress,
         )
+        record = {"settings": key, "per_task": stored}
+        if stamps is not None or stored_stamps:
+            stored_stamps = stored_stamps | {t: (stamps or {}).get(t) for t in missing}
+            record["stamps"] = {t: s for t, s in stored_stamps.items() if s is not None}
         try:
-            write_json_atomic(path, {"settings": key, "per_task": stored})
+            write_json_atomic(path, record)
         except OSError:
             pass
     return {task: stored[task] for task in adapters}

@@ -25,6 +25,7 @@ Fixtures (use them in any test module, no import needed):
 * ``real_base`` (session, mark the test ``@pytest.mark.slow``): the embedded
   SmolLM2-135M-Instruct via ``load_base("default")``.
 
+* ``user_cache_dir`` (session, automatic): ``$D2C_JAX_CACHE`` points to a temp dir.
 * ``make_tiny_config``: factory ``make_tiny_config(**overrides) -> LlamaConfig`` (e.g.
   ``model_type="qwen2", attention_bias=True, tie_word_embeddings=False``).
 """
@@ -151,6 +152,22 @@ TINY_TASKS = {
         ("count: z", "1"),
     ],
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def user_cache_dir(tmp_path_factory):
+    """Every test's d2c-jax user cache (``$D2C_JAX_CACHE``, e.g. `d2c evaluate`'s
+    single-adapter results) lies in a session temp dir, never in ``~/.cache``."""
+    import os
+
+    path = tmp_path_factory.mktemp("user_cache")
+    previous = os.environ.get("D2C_JAX_CACHE")
+    os.environ["D2C_JAX_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("D2C_JAX_CACHE", None)
+    else:
+        os.environ["D2C_JAX_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -41,3 +41,37 @@ def test_a_limited_evaluation_never_replaces_the_full_results(tmp_path, monkeypa
     assert run(None)["units_en"] == {"score": 100.0}  # served from its own file
     assert run(2)["units_en"] == {"score": 2.0}
     assert calls == [None, 2]
+
+
+def test_manifest_names_the_task_suite_without_absolute_paths(tmp_path):
+    from d2c_jax.tasks import suite_dir
+
+    assert build_library.tasks_root_label(suite_dir(), tmp_path / "lib") == "built-in"
+    assert build_library.tasks_root_label(tmp_path / "suite", tmp_path / "lib") == "../suite"
+
+
+def test_committed_package_json_holds_no_absolute_paths():
+    import json
+    from pathlib import Path
+
+    import d2c_jax
+
+    def strings(data):
+        if isinstance(data, dict):
+            for value in data.values():
+                yield from strings(value)
+        elif isinstance(data, list):
+            for value in data:
+                yield from strings(value)
+        elif isinstance(data, str):
+            yield data
+
+    data_dir = Path(d2c_jax.__file__).parent / "data"
+    found = [
+        (str(path.relative_to(data_dir)), text)
+        for path in sorted(data_dir.rglob("*.json"))
+        if not any(part.startswith(".") for part in path.relative_to(data_dir).parts)
+        for text in strings(json.loads(path.read_text()))
+        if text.startswith(("/", "~")) or (len(text) > 2 and text[1:3] == ":\\")
+    ]
+    assert found == []

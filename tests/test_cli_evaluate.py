@@ -88,7 +88,7 @@ def test_clustering_directory_scores_each_task_with_its_cluster(setup, tmp_path)
     assert report["average"]["score"] == pytest.approx(100.0)
     # Single adapters differ from their clusters' merges, so they score lower here, and
     # the relative score is merged / single per task.
-    single = json.loads((root / "library" / ".eval" / "single.json").read_text())["per_task"]
+    single = json.loads(single_cache_file(root).read_text())["per_task"]
     expected = np.mean([100.0 / single[t]["score"] for t in TASKS if single[t]["score"] > 0])
     assert report["relative_score"] == pytest.approx(expected)
 
@@ -109,10 +109,43 @@ def test_assignment_file_merges_the_same_adapters_from_the_library(setup, tmp_pa
     assert report["average"]["exact_match"] >= 0.75
 
 
-def test_single_adapter_scores_are_reused_from_the_library_cache(setup, tmp_path):
+def single_cache_file(root):
+    """The one single-adapter cache file of the fixture's library (default settings)."""
+    from d2c_jax.commands.evaluate import cache_root
+
+    library = str((root / "library").resolve())
+    found = [
+        path
+        for path in (cache_root() / "eval").glob("*/single.json")
+        if json.loads(path.read_text())["settings"]["identity"]["library"] == library
+        and json.loads(path.read_text())["settings"]["limit"] is None
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def tree_stat(root):
+    """{relative path: (size, mtime_ns, mode)} of everything under root, root included."""
+    return {
+        str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns, p.lstat().st_mode)
+        for p in [root, *sorted(root.rglob("*"))]
+    }
+
+
+def test_evaluate_never_writes_into_the_library(setup, tmp_path):
     root, hf_dir = setup
-    cache = root / "library" / ".eval" / "single.json"
+    before = tree_stat(root / "library")
     assert main(evaluate_args(root, hf_dir, root / "clustering", tmp_path / "a.json")) == 0
+    assert main(evaluate_args(root, hf_dir, root / "clustering", tmp_path / "b.json")) == 0
+    assert tree_stat(root / "library") == before
+    assert not (root / "library" / ".eval").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+def test_single_adapter_scores_are_reused_from_the_user_cache(setup, tmp_path):
+    root, hf_dir = setup
+    assert main(evaluate_args(root, hf_dir, root / "clustering", tmp_path / "a.json")) == 0
+    cache = single_cache_file(root)
     data = json.loads(cache.read_text())
     data["per_task"]["alpha"]["score"] = 50.0  # a marker only a reuse can report
     cache.write_text(json.dumps(data))
@@ -124,7 +157,15 @@ def test_single_adapter_scores_are_reused_from_the_library_cache(setup, tmp_path
     assert main(args) == 0
     report = json.loads((tmp_path / "c.json").read_text())
     assert report["relative_score_details"]["per_task"]["alpha"] != pytest.approx(2.0)
-    cache.unlink()
+    # A changed adapter file (a retrained adapter) is evaluated afresh.
+    stamps = json.loads(cache.read_text())["stamps"]
+    data = json.loads(cache.read_text())
+    data["stamps"]["alpha"] = "0" * 16
+    cache.write_text(json.dumps(data))
+    assert main(evaluate_args(root, hf_dir, root / "clustering", tmp_path / "d.json")) == 0
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert report["relative_score_details"]["per_task"]["alpha"] != pytest.approx(2.0)
+    assert json.loads(cache.read_text())["stamps"] == stamps
 
 
 def test_evaluation_cannot_read_the_dev_split(setup, tmp_path, capsys):

@@ -10,8 +10,11 @@ saved ``cluster_<k>/`` adapters are evaluated exactly as deployed) or an
 the task suite (``--tasks``, default the built-in suite) by greedy generation, with
 the metrics of `d2c_jax.evaluate` (exact match, chrF, score = (100 EM + chrF)/2).
 The relative score divides each task's score by its single adapter's score from
-``--library``; single-adapter results are cached in ``<library>/.eval/`` so that
-later evaluations of the same library reuse them.
+``--library``; single-adapter results are cached outside every input, in
+``$D2C_JAX_CACHE`` or ``$XDG_CACHE_HOME/d2c-jax`` (default ``~/.cache/d2c-jax``) under
+``eval/<fingerprint of library, base and settings>/single.json``, so that later
+evaluations of the same library reuse them (an adapter whose files changed is
+evaluated again). The library itself is never written to.
 
 Writes ``--out`` (JSON): settings, per-task metrics with each task's cluster, the
 average, the single adapters' average and the relative score.
@@ -20,6 +23,9 @@ average, the single adapters' average and the relative score.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -35,7 +41,59 @@ from d2c_jax.commands.merge_args import add_merge_arguments
 from d2c_jax.library import write_json_atomic
 from d2c_jax.merging import DEFAULT_MERGE
 
-SINGLE_CACHE = Path(".eval") / "single.json"
+SINGLE_CACHE_NAME = "single.json"
+
+
+def cache_root() -> Path:
+    """The user's cache directory of d2c-jax: ``$D2C_JAX_CACHE``, else
+    ``$XDG_CACHE_HOME/d2c-jax``, else ``~/.cache/d2c-jax``."""
+    explicit = os.environ.get("D2C_JAX_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "d2c-jax"
+
+
+def single_cache(library_dir: Path, base, args: argparse.Namespace) -> tuple[Path, dict]:
+    """``(path, identity)`` of the single-adapter cache of a library, base and settings.
+
+    The path is ``cache_root()/eval/<fingerprint>/single.json``, the fingerprint a hash
+    of the library's resolved path, the base model's weights fingerprint, the split,
+    the task suite and the generation settings; the identity (stored in the file and
+    checked on reading) names the library and the base.
+    """
+    from d2c_jax.tasks import suite_dir
+
+    tasks = Path(args.tasks or suite_dir()).resolve()
+    identity = {
+        "library": str(Path(library_dir).resolve()),
+        "base": getattr(base, "fingerprint", None) or base.name,
+    }
+    key = identity | {
+        "split": args.split,
+        "tasks": "built-in" if tasks == Path(suite_dir()).resolve() else str(tasks),
+        "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "eval" / digest / SINGLE_CACHE_NAME, identity
+
+
+def adapter_stamps(library_dir: Path, tasks) -> dict[str, str]:
+    """``{task: hash of its adapter_config.json and weights}``: a retrained adapter gets
+    a new stamp, so its cached single-adapter result is not reused."""
+    from d2c_jax.library import CONFIG_NAME, WEIGHTS_NAME
+
+    library_dir = Path(library_dir)
+    stamps = {}
+    for task in tasks:
+        adapter_dir = library_dir if (library_dir / CONFIG_NAME).is_file() else library_dir / task
+        digest = hashlib.sha256()
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            digest.update(name.encode())
+            digest.update((adapter_dir / name).read_bytes())
+        stamps[task] = digest.hexdigest()[:16]
+    return stamps
 
 
 def add_parser(subparsers) -> None:
@@ -218,12 +276,15 @@ def run(args: argparse.Namespace) -> int:
                 f"tasks {missing} have no single adapter in {library_dir} for the relative "
                 "score; pass the right --library or --no-relative"
             )
+        cache_path, identity = single_cache(library_dir, base, args)
         single = evaluate_cached(
             base,
             {t: library.adapter(library.index(t)) for t in assignment},
             args.tasks,
             args.split,
-            Path(library_dir) / SINGLE_CACHE,
+            cache_path,
+            identity=identity,
+            stamps=adapter_stamps(library_dir, assignment),
             **settings,
         )
         report["single_average"] = average_metrics(single)
