@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from d2c_jax.commands import checks
 from d2c_jax.library import write_json_atomic
 
 # Sized for 15 minutes on a 2-core CPU with the 40-adapter library, install included.
@@ -44,6 +45,15 @@ DEMO_DEFAULTS = {
     "seed": 0,
 }
 METHODS = ("random", "kmeans", "mbc", "kmerge", "d2c")
+PROG = "python -m d2c_jax.demo"
+
+# Each setting's argparse type: a bad value is an ``argument --flag: ...`` error.
+ARG_TYPES = {
+    "budget": checks.budget,
+    "dev_per_task": checks.positive_int,
+    "test_per_task": checks.positive_int,
+    "seed": checks.nonnegative_int,
+}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -75,7 +85,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m d2c_jax.demo",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -91,8 +101,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="task-suite directory with <task>/{dev,test}.jsonl (default: the built-in suite)",
     )
     for key, value in DEMO_DEFAULTS.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=ARG_TYPES[key], default=value)
     return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Inputs exist and ``--out`` is a directory path outside every input, before any
+    work (`d2c_jax.commands.checks`); raises CommandError naming the argument."""
+    from d2c_jax.library import embedded_library_dir
+    from d2c_jax.tasks import suite_dir
+
+    for flag, path in (("--library", args.library), ("--tasks", args.tasks)):
+        if path is not None and not path.is_dir():
+            kind = "is not a directory" if path.exists() else "no such directory"
+            raise checks.CommandError(f"{flag} {path}: {kind}")
+    if args.base != "default" and not Path(args.base).exists():
+        raise checks.CommandError(f"--base {args.base}: no such file or directory")
+    checks.check_out(
+        args.out,
+        kind="dir",
+        inputs=[
+            ("--library", args.library or embedded_library_dir()),
+            ("--tasks", args.tasks or suite_dir()),
+            ("--base", None if args.base == "default" else args.base),
+        ],
+    )
 
 
 def demo_jobs(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,7 +233,32 @@ def print_table(report: dict[str, Any], library, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; a bad argument or input is one ``error:`` line on stderr and exit
+    status 2 (``D2C_DEBUG=1`` shows the traceback), and a failed run removes the
+    output directory if it created it."""
+    import shutil
+    import sys
+
+    from d2c_jax.cli import _one_line
+
     args = parse_args(argv)
+    created = not args.out.exists()
+    try:
+        return run(args)
+    except (ValueError, OSError, KeyboardInterrupt) as err:
+        if created and args.out.is_dir():
+            shutil.rmtree(args.out, ignore_errors=True)
+        if os.environ.get("D2C_DEBUG", "") not in ("", "0"):
+            raise
+        if isinstance(err, KeyboardInterrupt):
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
 
     from d2c_jax import pipeline
     from d2c_jax.cluster import resolve_budget
@@ -209,12 +267,12 @@ def main(argv: list[str] | None = None) -> int:
 
     start_all = time.perf_counter()
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     jobs = demo_jobs(args)
     library_dir = pipeline.library_dir(jobs["d2c"])
     library = pipeline.load_library(jobs["d2c"])
-    base = load_base(args.base)
     k = resolve_budget(args.budget, library)
+    base = load_base(args.base)
+    out.mkdir(parents=True, exist_ok=True)
     print(
         f"d2c-jax demo: clustering the {library.num_adapters} adapters of {library_dir} "
         f"into K={k} merged adapters (budget {args.budget})"

@@ -342,11 +342,82 @@ def test_bad_input_is_a_clear_error_that_changes_nothing(world, capsys, argv, ex
         assert not out.exists()
 
 
+# `python -m d2c_jax.demo` (`make demo`): the same promises, its own prog name.
+DEMO = [
+    "--base",
+    "{R}/base",
+    "--library",
+    "{R}/library",
+    "--tasks",
+    "{R}/examples",
+    "--budget",
+    "2",
+    "--dev-per-task",
+    "2",
+    "--test-per-task",
+    "3",
+]
+DEMO_OUT = ["--out", "{R}/demo_out"]
+DEMO_CASES = [
+    ("demo-budget-0", [*_with(DEMO, "--budget", "0"), *DEMO_OUT], "argument --budget: must be more than 0", None),
+    ("demo-budget-0-percent", [*_with(DEMO, "--budget", "0%"), *DEMO_OUT], "argument --budget: must be more than 0", None),
+    ("demo-budget-text", [*_with(DEMO, "--budget", "lots"), *DEMO_OUT], "argument --budget: expected K", None),
+    ("demo-budget-fractional-k", [*_with(DEMO, "--budget", "1.5"), *DEMO_OUT], "argument --budget: K must be an integer", None),
+    ("demo-budget-too-big", [*_with(DEMO, "--budget", "9"), *DEMO_OUT], "K exceeds the library's N=4 adapters", None),
+    ("demo-dev-per-task-0", [*_with(DEMO, "--dev-per-task", "0"), *DEMO_OUT], "argument --dev-per-task: must be an integer >= 1", None),
+    ("demo-test-per-task-negative", [*_with(DEMO, "--test-per-task", "-1"), *DEMO_OUT], "argument --test-per-task: must be an integer >= 1", None),
+    ("demo-test-per-task-text", [*_with(DEMO, "--test-per-task", "all"), *DEMO_OUT], "argument --test-per-task: expected an integer", None),
+    ("demo-seed-negative", [*DEMO, "--seed", "-1", *DEMO_OUT], "argument --seed: must be an integer >= 0", None),
+    ("demo-library-missing", [*_with(DEMO, "--library", "{R}/nope"), *DEMO_OUT], "--library {R}/nope: no such directory", None),
+    ("demo-library-is-file", [*_with(DEMO, "--library", "{R}/plain.txt"), *DEMO_OUT], "--library {R}/plain.txt: is not a directory", None),
+    ("demo-tasks-missing", [*_with(DEMO, "--tasks", "{R}/nope"), *DEMO_OUT], "--tasks {R}/nope: no such directory", None),
+    ("demo-base-missing", [*_with(DEMO, "--base", "{R}/nope"), *DEMO_OUT], "--base {R}/nope: no such file or directory", None),
+    ("demo-out-is-library", [*DEMO, "--out", "{R}/library"], "is the input --library", None),
+    ("demo-out-inside-library", [*DEMO, "--out", "{R}/library/demo"], "is inside the input --library", None),
+    ("demo-out-inside-tasks", [*DEMO, "--out", "{R}/examples/demo"], "is inside the input --tasks", None),
+    ("demo-out-inside-base", [*DEMO, "--out", "{R}/base/demo"], "is inside the input --base", None),
+    ("demo-out-contains-inputs", [*DEMO, "--out", "{R}"], "contains the input --library", None),
+    ("demo-out-existing-file", [*DEMO, "--out", "{R}/plain.txt"], "is an existing file", None),
+    ("demo-out-below-file", [*DEMO, "--out", "{R}/plain.txt/demo"], "is a file, not a directory", None),
+    ("demo-out-unwritable", [*DEMO, "--out", "/proc/d2c-demo"], "cannot write in /proc", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, expected, setup", [c[1:] for c in DEMO_CASES], ids=[c[0] for c in DEMO_CASES]
+)
+def test_bad_demo_input_is_a_clear_error_that_changes_nothing(world, capsys, argv, expected, setup):
+    from d2c_jax import demo
+
+    argv = _fill(argv, world)
+    out = _out_of(argv)
+    before = tree_state(world)
+    out_existed = out.exists() or out.is_symlink()
+    try:
+        rc = demo.main(argv)
+    except SystemExit as exit_:  # argparse
+        rc = exit_.code
+    captured = capsys.readouterr()
+    err = captured.err
+    assert rc not in (0, None), f"exit {rc}; stderr:\n{err}"
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert errors[0].startswith("python -m d2c_jax.demo: error: "), errors[0]
+    assert expected.replace("{R}", str(world)) in errors[0], errors[0]
+    assert captured.out == ""  # stopped before any work
+    assert tree_state(world) == before
+    if not out_existed:
+        assert not out.exists()
+
+
 def test_corpus_is_large_and_covers_every_command():
     commands = {argv[0] for _, argv, _, _ in CASES}
     assert {"merge", "score", "generate", "train", "cluster", "evaluate"} <= commands
     assert len(CASES) >= 60
     assert len({c[0] for c in CASES}) == len(CASES)
+    assert len(DEMO_CASES) >= 10
+    assert len({c[0] for c in CASES + DEMO_CASES}) == len(CASES) + len(DEMO_CASES)
 
 
 # ------------------------------------------------------------- rerun always works

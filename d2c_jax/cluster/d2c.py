@@ -370,7 +370,15 @@ class D2CClustering:
 
             return save
 
-        bar = tqdm(total=self.max_iters, initial=iteration, desc=f"d2c K={k}", disable=not progress)
+        # The search may converge before max_iters: a total (so an ETA) only when the
+        # count is known (max_iters == 1); each sweep's own bar has an ETA.
+        bar = tqdm(
+            total=self.max_iters if self.max_iters == 1 else None,
+            initial=iteration,
+            desc=f"d2c K={k}" if self.max_iters == 1 else f"d2c K={k}, <= {self.max_iters} iters",
+            unit="iter",
+            disable=not progress,
+        )
         done = bool(log and log[-1].get("converged"))
         while not done and iteration < self.max_iters:
             start = time.perf_counter()

@@ -14,7 +14,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+import time
 from typing import Any, ClassVar
 
 import jax
@@ -24,6 +27,16 @@ import numpy as np
 from d2c_jax.cluster.base import ClusteringResult
 from d2c_jax.library import AdapterLibrary
 from kernels.kmeans import delta_gram, kmeans, svd_embed, top_fraction
+
+
+@contextlib.contextmanager
+def _announced(what: str):
+    """One line on stderr before a step and its time after: the restarts run as one
+    vmapped compiled call, so there is no per-restart progress to show."""
+    print(f"{what}...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{what}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def random_assignment(n: int, k: int, seed: int) -> np.ndarray:
@@ -55,14 +68,20 @@ class KMeansClustering:
     num_iters: int = 100
 
     def fit(self, library: AdapterLibrary, k: int, seed: int, objective: Any = None):
-        gram = library_delta_gram(library)
-        assign, inertia = kmeans(
-            gram,
-            jax.random.key(seed),
-            k=k,
-            num_restarts=self.num_restarts,
-            num_iters=self.num_iters,
+        what = (
+            f"K-Means: {self.num_restarts} restarts on the delta Gram matrix of "
+            f"N={library.num_adapters} adapters, K={k}"
         )
+        with _announced(what):
+            gram = library_delta_gram(library)
+            assign, inertia = kmeans(
+                gram,
+                jax.random.key(seed),
+                k=k,
+                num_restarts=self.num_restarts,
+                num_iters=self.num_iters,
+            )
+            assign, inertia = jax.block_until_ready((assign, inertia))
         return ClusteringResult(
             self.name, np.asarray(assign, np.int32), k, info={"inertia": float(inertia)}
         )
@@ -89,17 +108,23 @@ class MBCClustering:
     num_iters: int = 100
 
     def fit(self, library: AdapterLibrary, k: int, seed: int, objective: Any = None):
-        features = svd_embed(
-            top_fraction(flat_lora_parameters(library), self.keep_fraction), self.svd_dims
+        what = (
+            f"MBC: sparsify and SVD-embed N={library.num_adapters} adapters, then "
+            f"{self.num_restarts} cosine K-Means restarts, K={k}"
         )
-        assign, inertia = kmeans(
-            features @ features.T,
-            jax.random.key(seed),
-            k=k,
-            num_restarts=self.num_restarts,
-            num_iters=self.num_iters,
-            metric="cosine",
-        )
+        with _announced(what):
+            features = svd_embed(
+                top_fraction(flat_lora_parameters(library), self.keep_fraction), self.svd_dims
+            )
+            assign, inertia = kmeans(
+                features @ features.T,
+                jax.random.key(seed),
+                k=k,
+                num_restarts=self.num_restarts,
+                num_iters=self.num_iters,
+                metric="cosine",
+            )
+            assign, inertia = jax.block_until_ready((assign, inertia))
         return ClusteringResult(
             self.name, np.asarray(assign, np.int32), k, info={"cosine_inertia": float(inertia)}
         )

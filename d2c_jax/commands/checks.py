@@ -1,8 +1,8 @@
 """Checks every `d2c` command runs on its arguments before doing any work.
 
 * argparse ``type=`` functions for numbers with a range (``positive_int``,
-  ``fraction``, ...): a bad value exits with argparse's usage line and
-  ``argument --flag: ...`` before anything is loaded;
+  ``fraction``, ...) and for a clustering ``budget``: a bad value exits with
+  argparse's usage line and ``argument --flag: ...`` before anything is loaded;
 * `check_out`: ``--out`` may not be, be inside, or contain any input path, its
   parent must be a writable directory, and it must be of the right kind (a file
   for file outputs, a directory for directory outputs);
@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -94,6 +95,23 @@ def correlation(text: str) -> float:
     if not -1 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [-1, 1], got {text!r}")
     return value
+
+
+def budget(text: str) -> str:
+    """A clustering budget's syntax: K (an integer >= 1), a percentage of the library
+    (``12.5%``) or bytes (``4MB``), > 0; returned as given (K is resolved against the
+    library later, `d2c_jax.cluster.resolve_budget`)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(%|[kmg]i?b|b)?", text.strip().lower().replace(" ", ""))
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"expected K (e.g. 5), a percentage of the library (e.g. 12.5%) or bytes "
+            f"(e.g. 4MB), got {text!r}"
+        )
+    if match[2] is None and "." in match[1]:
+        raise argparse.ArgumentTypeError(f"K must be an integer, got {text!r}")
+    if float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text!r}")
+    return text
 
 
 # ------------------------------------------------------------------ output paths

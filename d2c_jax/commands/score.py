@@ -44,7 +44,12 @@ def load_base_and_adapter(args: argparse.Namespace):
     from d2c_jax.adapters import check_adapter_for_base
     from d2c_jax.models import load_base
 
+    # Loading (and, for a GGUF, dequantising) the model takes seconds to a minute.
+    what = "the embedded base model" if args.base == "default" else f"base model {args.base}"
+    print(f"loading {what}...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     base = load_base(args.base, dtype=jnp.dtype(args.dtype))
+    print(f"loaded {base.name} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     if not args.adapter:
         return base, None, 1.0
     from d2c_jax.library import AdapterLibrary
@@ -113,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     examples = read_examples(args.examples)
     base, adapter, scale = load_base_and_adapter(args)
     encoded = encode_examples(base, examples)
+    print(f"scoring {len(examples)} examples...", file=sys.stderr, flush=True)
     nll = score_examples(base, adapter, encoded, scale=scale, batch_size=args.batch_size)
     result = {
         "per_example_nll": [float(x) for x in nll],
