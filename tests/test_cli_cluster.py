@@ -76,7 +76,8 @@ def test_cluster_writes_assignment_adapters_log_and_manifest(tiny_setup, tmp_pat
     assert all(b <= a for a, b in zip(objectives, objectives[1:], strict=False))
     assert all({"objective", "moves", "candidates_scored", "seconds"} <= set(e) for e in log)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["k"] == 3 and manifest["dev_objective"] == pytest.approx(objectives[-1])
+    assert manifest["k"] == 3 and manifest["search_objective"] == pytest.approx(objectives[-1])
+    assert manifest["dev_objective"] > 0  # mean dev NLL, comparable across methods
     assert manifest["storage"]["merged_bytes_bf16"] * 4 == manifest["storage"]["library_bytes_bf16"]
     assert manifest["settings"]["merge"]["method"] == "ties"
     assert not (out / ".search").exists()
