@@ -265,6 +265,12 @@ class Sweep:
         )
         return cell if same else None
 
+    def finished_cell(self, method: str, budget: str, seed: int) -> dict[str, Any] | None:
+        """A stored cell already scored on this run's slice, else None (nothing computed)."""
+        path = self.cell_path(method, budget, seed)
+        cell = self.stored_cell(path, method) or self.same_search(method, budget, seed)
+        return cell if cell is not None and self.per_task_key in cell else None
+
     def same_search(self, method: str, budget: str, seed: int) -> dict[str, Any] | None:
         """A stored cell of another D2C variant with the same search settings (the
         default "d2c" is one of the variants tried), relabelled as `method`."""
@@ -638,6 +644,12 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate the first N test examples per task (default: %(default)s, as the "
         "library's reference scores)",
     )
+    parser.add_argument(
+        "--table-only",
+        action="store_true",
+        help="write the table from the cells already computed and scored on this slice; "
+        "compute nothing (missing cells are listed as such)",
+    )
     args = parser.parse_args(argv)
 
     sweep = Sweep(args.out, args)
@@ -650,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         for budget in args.budgets
         for method in args.methods
     ]
+    if args.table_only:
+        found = {p: sweep.finished_cell(*p) for p in plan}
+        cells = [c for c in found.values() if c is not None]
+        write_table(args, sweep, cells, refs, [p for p, c in found.items() if c is None], plan)
+        print(markdown(summarise(cells, refs, sweep.per_task_key), args.eval))
+        return 0
     cells = []
     for method, budget, seed in plan:
         cells.append(sweep.cell(method, budget, seed))

@@ -161,3 +161,22 @@ def test_sweep_cells_on_a_tiny_model(tmp_path, monkeypatch, tiny_hf_dir, tiny_co
     assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps
     assert main([*argv, "--eval", "val"]) == 0
     assert "per_task_val" in json.loads((out / "cells" / "kmeans_2_0.json").read_text())
+
+    # --table-only computes nothing: a method never run is listed as missing.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    assert main([*argv[:-2], "kmeans", "mbc", "--table-only"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == stamps
+    table = json.loads((out.parent / "paper_table.json").read_text())
+    assert table["missing_cells"] == ["mbc 2 seed 0"] and not table["complete"]
+
+    # The default "d2c" reuses a variant's cell when their search settings agree.
+    m1 = ["--methods", "d2c_best_likelihood_sweep_m1", "d2c"]
+    assert main([*argv[:-3], *m1]) == 0
+    same = [json.loads((out / "cells" / f"{m}_2_0.json").read_text()) for m in m1[1:]]
+    assert same[0]["assignment"] == same[1]["assignment"] and same[1]["method"] == "d2c"
+    assert same[0]["search"] == same[1]["search"]
+
+    # A task without a test split: one clear error naming the file.
+    (tmp_path / "tasks" / "task3" / "test.jsonl").unlink()
+    with pytest.raises(SystemExit, match="task 'task3' has no test split"):
+        main(argv)
