@@ -256,9 +256,12 @@ def test_cli_errors(tmp_path, tiny_hf_dir, tiny_examples, peft_dir, capsys, writ
     good = write_jsonl(tmp_path / "good.jsonl", tiny_examples[:2])
     bad = write_jsonl(tmp_path / "bad.jsonl", [tiny_examples[0], '{"prompt": "x", "target": '])
     cases = [
-        (["--base", str(tmp_path / "missing"), "--examples", str(good)], "not found"),
+        (
+            ["--base", str(tmp_path / "missing"), "--examples", str(good)],
+            "no such file or directory",
+        ),
         (["--base", str(tiny_hf_dir), "--examples", str(bad)], "bad.jsonl:2: malformed JSON"),
-        (["--base", str(tiny_hf_dir), "--examples", str(tmp_path / "none.jsonl")], "not found"),
+        (["--base", str(tiny_hf_dir), "--examples", str(tmp_path / "none.jsonl")], "no such file"),
     ]
     # an adapter recorded for another base model
     _, adapter_dir = peft_dir
