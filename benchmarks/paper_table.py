@@ -524,14 +524,20 @@ def paired_differences(
 
 def markdown(summary: dict[str, Any], scored: str = "test") -> str:
     lines = [
-        f"| method | budget (K) | {scored} score | relative score | dev objective J | "
+        f"| method | budget (K) | seeds | {scored} score | relative score | dev J (mean NLL) | "
         f"J on {TEST_NLL_EXAMPLES} test examples/task | cluster time (s) | candidates scored |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
+        seeds = ",".join(str(s) for s in r["seeds"])
+        relative = (
+            ""
+            if np.isnan(r["relative_mean"])
+            else f"{r['relative_mean']:.3f} ± {r['relative_std']:.3f}"
+        )
         lines.append(
-            f"| {r['method']} | {r['budget']} ({r['k']}) | {r['score_mean']:.1f} ± "
-            f"{r['score_std']:.1f} | {r['relative_mean']:.3f} ± {r['relative_std']:.3f} | "
+            f"| {r['method']} | {r['budget']} ({r['k']}) | {seeds} | {r['score_mean']:.1f} ± "
+            f"{r['score_std']:.1f} | {relative} | "
             f"{r['dev_objective_mean']:.4f} ± {r['dev_objective_std']:.4f} | "
             f"{r['test_objective_mean']:.4f} ± {r['test_objective_std']:.4f} | "
             f"{r['cluster_seconds_mean']:.0f} | {r['candidates_scored_mean']:.0f} |"
@@ -542,7 +548,7 @@ def markdown(summary: dict[str, Any], scored: str = "test") -> str:
             for key in ("dev_objective", "test_objective")
         )
         lines.append(
-            f"| {name} | {100 * ref['storage']:.1f}% | {ref['score']:.1f} | "
+            f"| {name} | {100 * ref['storage']:.1f}% | | {ref['score']:.1f} | "
             f"{ref['relative']:.3f} | {dev} | {test_j} | | |"
         )
     if summary["d2c_vs"]:
