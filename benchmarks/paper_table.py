@@ -138,6 +138,23 @@ EVAL_SLICES = {"test": 0, "val": TEST_EXAMPLES_PER_TASK}
 BUDGETS = ("12.5%", "25%", "50%")
 
 
+def search_config(method: str) -> dict[str, Any]:
+    """Every search setting of a D2C variant, spelled out (a setting left to
+    `D2CClustering`'s defaults would follow them when they change); {} for other methods."""
+    from d2c_jax.cluster import D2CClustering
+
+    if method not in D2C_VARIANTS:
+        return {}
+    search = D2CClustering(**D2C_VARIANTS[method])
+    return {
+        "init": search.init,
+        "mode": search.mode,
+        "max_iters": search.max_iters,
+        "task_loss": search.task_loss,
+        "destinations": search.sweep_destinations,
+    }
+
+
 class Sweep:
     """Runs and caches the cells of the table (see module docstring)."""
 
@@ -201,14 +218,15 @@ class Sweep:
                         cached.load_state({"keys": data["keys"], "values": data["values"]})
 
     def job(self, method: str, budget: str, seed: int):
-        """The `d2c_jax.pipeline.ClusterJob` of a cell: a D2C variant is ``d2c`` with
-        its `search_settings`; every job reads all dev examples, default merge."""
+        """The `d2c_jax.pipeline.ClusterJob` of a cell: a D2C variant is ``d2c`` with its
+        settings spelled out (`search_config`); every job reads all dev examples, default
+        merge."""
         from d2c_jax.pipeline import ClusterJob
 
         return ClusterJob(
             budget=budget,
             method="d2c" if method in D2C_VARIANTS else method,
-            settings=self.search_settings(method) or {},
+            settings=search_config(method),
             library=self.library_dir,
             tasks=self.args.tasks,
             merge=self.merge_config,

@@ -180,3 +180,30 @@ def test_sweep_cells_on_a_tiny_model(tmp_path, monkeypatch, tiny_hf_dir, tiny_co
     (tmp_path / "tasks" / "task3" / "test.jsonl").unlink()
     with pytest.raises(SystemExit, match="task 'task3' has no test split"):
         main(argv)
+
+
+def test_each_variant_runs_exactly_its_settings():
+    """A cell's job spells out every search setting, so D2C's defaults (likelihood
+    loss, one destination per sweep visit) cannot leak into an nll or exhaustive one."""
+    import argparse
+
+    from benchmarks.paper_table import D2C_VARIANTS, Sweep
+    from d2c_jax.cluster import D2CClustering
+    from kernels.merge import MergeConfig
+
+    sweep = Sweep.__new__(Sweep)  # job() needs only these
+    sweep.library_dir, sweep.merge_config = None, MergeConfig("linear")
+    sweep.args = argparse.Namespace(tasks=None)
+    for name, settings in D2C_VARIANTS.items():
+        ran = sweep.job(name, "12.5%", 0).make_method()
+        declared = D2CClustering(**settings)
+        assert ran.task_loss == declared.task_loss, name
+        assert ran.sweep_destinations == declared.sweep_destinations, name
+        assert (ran.init, ran.mode, ran.max_iters) == (
+            declared.init,
+            declared.mode,
+            declared.max_iters,
+        )
+    assert sweep.job("d2c_best_nll_sweep_m1", "50%", 0).make_method().task_loss == "nll"
+    exhaustive = sweep.job("d2c_best_likelihood_sweep", "50%", 0).make_method()
+    assert exhaustive.sweep_destinations == 0
