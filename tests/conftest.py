@@ -240,3 +240,81 @@ def real_base():
     from d2c_jax.models import load_base
 
     return load_base("default")
+
+
+def numpy_weights(model) -> dict:
+    """A model's weights as NumPy arrays (``layers`` stacked ``[L, ...]``)."""
+    w = model.weights()
+    out = {k: np.asarray(v) for k, v in w.items() if k != "layers"}
+    out["layers"] = {k: np.asarray(v) for k, v in w["layers"].items()}
+    return out
+
+
+def llama_cpp_permute(w, n_head):
+    """llama.cpp convert_hf_to_gguf.py LlamaModel.permute (q/k rows for its RoPE)."""
+    split = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+    return split.swapaxes(1, 2).reshape(w.shape)
+
+
+GGUF_TENSOR_NAMES = {
+    "attn_norm": "attn_norm",
+    "mlp_norm": "ffn_norm",
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+
+
+def write_tiny_gguf(path, config, weights, tokenizer, added=None, merges=()):
+    """A llama-arch F32 GGUF in llama.cpp's conventions (q/k rows permuted by the
+    converter's own rule, `llama_cpp_permute`). ``added``: ``{tensor name: array}`` added
+    to the file-layout weights; ``merges``: BPE merges (llama.cpp refuses a gpt2
+    vocabulary without any; our loader needs none)."""
+    import gguf
+
+    added = added or {}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny")
+    writer.add_block_count(config.num_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_heads)
+    writer.add_head_count_kv(config.num_kv_heads)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges(list(merges))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    writer.add_tensor("token_embd.weight", weights["embed"])
+    writer.add_tensor("output_norm.weight", weights["final_norm"])
+    for layer in range(config.num_layers):
+        for key, gname in GGUF_TENSOR_NAMES.items():
+            w = weights["layers"][key][layer]
+            if key in ("q_proj", "k_proj"):
+                w = llama_cpp_permute(
+                    w, config.num_heads if key == "q_proj" else config.num_kv_heads
+                )
+            name = f"blk.{layer}.{gname}.weight"
+            writer.add_tensor(name, np.ascontiguousarray(w + added.get(name, 0.0), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

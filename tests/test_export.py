@@ -32,71 +32,9 @@ from d2c_jax.export import (
     write_gguf_adapter,
 )
 from d2c_jax.models.gguf import unpermute_qk
+from tests.conftest import numpy_weights, write_tiny_gguf
 
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_WEIGHT_NAMES = {
-    "attn_norm": "attn_norm",
-    "mlp_norm": "ffn_norm",
-    **{m: GGUF_MODULE_NAMES[m] for m in ALL_MODULES},
-}
-
-
-def numpy_weights(model):
-    w = model.weights()
-    out = {k: np.asarray(v) for k, v in w.items() if k != "layers"}
-    out["layers"] = {k: np.asarray(v) for k, v in w["layers"].items()}
-    return out
-
-
-def write_base_gguf(path, config, weights, tokenizer, added=None, merges=()):
-    """A llama-arch F32 GGUF in llama.cpp's conventions (q/k rows permuted).
-
-    ``added``: ``{tensor name: array}`` added to the file-layout weights (to fold an
-    exported adapter's ``lora_b @ lora_a`` into the base). ``merges``: BPE merges
-    (llama.cpp refuses a gpt2 vocabulary without any, gguf drops an empty list)."""
-    import gguf
-
-    added = added or {}
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny")
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    writer.add_token_merges(list(merges))
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_tensor("token_embd.weight", weights["embed"])
-    writer.add_tensor("output_norm.weight", weights["final_norm"])
-    for layer in range(config.num_layers):
-        for key, gname in _WEIGHT_NAMES.items():
-            w = weights["layers"][key][layer]
-            if key == "q_proj":
-                w = permute_qk(w, config.num_heads)
-            elif key == "k_proj":
-                w = permute_qk(w, config.num_kv_heads)
-            name = f"blk.{layer}.{gname}.weight"
-            w = w + added.get(name, 0.0)
-            writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +42,7 @@ def tiny_gguf(tmp_path_factory, tiny_base):
     path = tmp_path_factory.mktemp("export_base") / "tiny.gguf"
     weights = numpy_weights(tiny_base.model)
     # one merge for llama.cpp's loader; ids are fed directly, so it never tokenizes
-    return write_base_gguf(path, tiny_base.config, weights, tiny_base.tokenizer, merges=["a b"])
+    return write_tiny_gguf(path, tiny_base.config, weights, tiny_base.tokenizer, merges=["a b"])
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +184,7 @@ def test_folding_the_file_delta_into_the_base_gives_base_plus_adapter(
         if name.endswith(".lora_a")
     }
     config = tiny_base.config
-    folded = write_base_gguf(
+    folded = write_tiny_gguf(
         tmp_path / "folded.gguf", config, numpy_weights(tiny_base.model), tiny_base.tokenizer, added
     )
     monkeypatch.setenv("D2C_CACHE", str(tmp_path / "cache"))

@@ -19,16 +19,10 @@ from d2c_jax.models import (
 )
 from d2c_jax.models.gguf import unpermute_qk
 from d2c_jax.models.hf import _hf_names, load_hf_weights
+from tests.conftest import llama_cpp_permute, numpy_weights, write_tiny_gguf
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-
-def numpy_weights(model: LlamaForCausalLM):
-    w = model.weights()
-    out = {k: np.asarray(v) for k, v in w.items() if k != "layers"}
-    out["layers"] = {k: np.asarray(v) for k, v in w["layers"].items()}
-    return out
 
 
 def torch_model(config, weights):
@@ -113,71 +107,10 @@ def test_bfloat16_close_to_float32(tiny_base, make_tiny_base):
     assert np.abs(f32 - bf).max() < 0.1 * np.abs(f32).max()
 
 
-def llama_cpp_permute(w, n_head):
-    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute
-    split = w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-    return split.swapaxes(1, 2).reshape(w.shape)
-
-
 def test_unpermute_inverts_llama_cpp():
     w = np.arange(8 * 64 * 3, dtype=np.float32).reshape(8 * 64, 3)
     assert not np.array_equal(llama_cpp_permute(w, 8), w)
     np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(w, 8), 8), w)
-
-
-def write_tiny_gguf(path, config, weights, tokenizer):
-    """A llama-arch GGUF in llama.cpp's conventions (permuted q/k rows, F32 tensors)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name("tiny")
-    writer.add_block_count(config.num_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
-    writer.add_token_merges([])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_pad_token_id(2)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(tokenizer.chat_template)
-    writer.add_tensor("token_embd.weight", weights["embed"])
-    writer.add_tensor("output_norm.weight", weights["final_norm"])
-    names = {
-        "attn_norm": "attn_norm",
-        "mlp_norm": "ffn_norm",
-        "q_proj": "attn_q",
-        "k_proj": "attn_k",
-        "v_proj": "attn_v",
-        "o_proj": "attn_output",
-        "gate_proj": "ffn_gate",
-        "up_proj": "ffn_up",
-        "down_proj": "ffn_down",
-    }
-    for layer in range(config.num_layers):
-        for key, gname in names.items():
-            w = weights["layers"][key][layer]
-            if key == "q_proj":
-                w = llama_cpp_permute(w, config.num_heads)
-            elif key == "k_proj":
-                w = llama_cpp_permute(w, config.num_kv_heads)
-            writer.add_tensor(f"blk.{layer}.{gname}.weight", np.ascontiguousarray(w))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 def test_gguf_loader_and_cache(tmp_path, monkeypatch, tiny_base):
