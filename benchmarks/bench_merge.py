@@ -162,7 +162,7 @@ def bench_ours(params, scale, names, clusters, config, repeat):
 
     timings = {"end_to_end": time_calls(full, repeat=repeat)}
     timings["prepare"] = time_calls(
-        lambda: jax.block_until_ready(merging.prepare(params, scale, config, names=names).tensors),
+        lambda: jax.block_until_ready(merging.prepare(params, scale, config, names=names)),
         repeat=repeat,
         warmup=0,
     )

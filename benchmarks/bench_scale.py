@@ -11,17 +11,22 @@ call (so compilation is excluded; the warm-up time is reported too):
   written just before, so the page cache is warm: this measures parsing and stacking).
 * ``kmeans``: `KMeansClustering` (k-means++, 10 restarts, 100 iterations) on the exact
   Gram matrix of the dense deltas.
+* ``mbc``: `MBCClustering` (K-Means on SVD features of the LoRAs).
 * ``merge_factor``: one batched TIES merge (density 0.2) of all K clusters in factor
   space (`merging.merge`).
-* ``merge_delta``: the same merge in delta space (dense deltas, trim, TIES combine of
-  all K clusters, untruncated), streamed over layers by a Python loop around one
-  jitted per-layer kernel (per-tensor trimming is per module-layer, so this is
-  exact): only one layer's N dense deltas are live at a time. `merging.prepare` holds
-  all N dense deltas at once (53 MB per adapter), which does not fit in 24 GiB beyond
-  about 300 adapters: hence the streaming here. Truncating the K merged adapters back
-  to rank 8 costs K times ``truncate_seconds_per_adapter`` (60 eigendecompositions of
-  576-wide Gram matrices, measured once in the roofline child) and is reported as
-  ``truncate_seconds_estimate``.
+* ``prepare_delta``: `merging.prepare` in delta space: every adapter's per-matrix trim
+  threshold, found from its dense delta a few adapters at a time (the prepared
+  library keeps only factors and thresholds, never N dense deltas).
+* ``merge_delta``: `merging.merged_deltas` of all K clusters, ``MERGE_CHUNK`` clusters
+  per call, each call's ``[C, L, d_out, d_in]`` result dropped once computed (a
+  consumer would truncate or write it). The engine gathers each cluster's members,
+  recomputes their deltas from the factors layer by layer and trims them by the
+  stored thresholds. Truncating the K merged adapters back to rank 8 costs K times
+  ``truncate_seconds_per_adapter`` (60 eigendecompositions of 576-wide Gram matrices,
+  measured once in the roofline child) and is reported as ``truncate_seconds_estimate``.
+* ``merge_set``: one call merging ``MERGE_CHUNK`` member sets of ``SET_SIZE`` seeded
+  random adapters each; ``seconds_per_set`` should not grow with N (a merge costs
+  what its cluster costs).
 * ``d2c_scoring``: one D2C iteration's candidate scoring (`d2c.move_deltas` for every
   adapter: the K clusters, N source sets and N (K-1) destination sets) with a *tiny
   model*: the test suite's random 2-layer Llama (hidden 64, 4 heads, vocab 259,
@@ -41,8 +46,9 @@ Roofline (same run): NumPy float32 matmul peak (2048^3) and copy bandwidth
 (`benchmarks.common.memory_bandwidth`) are measured; the scoring kernel is timed on
 a random-weight model of SmolLM2-135M's shape (2 candidates, 2 packed rows of 128
 tokens each, dense q,v deltas) against its FLOP count, and the delta-space merge
-against the bytes it must move at least: read the N adapters' factors, write and
-read back the N dense trimmed deltas, write the K merged deltas.
+against the bytes it must move at least: read the N adapters' factors and write the K
+merged deltas. Each stage's growth with N is fitted as ``seconds ~ N^b`` (least squares
+on log-log, ``exponents`` in the JSON).
 
 Usage: ``python benchmarks/bench_scale.py [--quick] [--sizes 40 160 ...]``; writes
 ``benchmarks/results/bench_scale[_quick].json`` and ``.png``.
@@ -158,45 +164,17 @@ def dense_bytes(shapes: dict) -> int:
 # ---------------------------------------------------------------------- merges
 
 
-@functools.cache
-def layer_merge():
-    """Jitted delta-space merge of all K clusters for one layer.
-
-    ``({module: {"A": [N, r, d_in], "B": [N, d_out, r]}}, scale [N], membership [K, N],
-    config)`` -> ``{module: [K, d_out, d_in]}``: dense deltas, trimming, TIES combine.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from kernels import lowrank
-    from kernels import merge as kmerge
-
-    @functools.partial(jax.jit, static_argnames="config")
-    def run(layer, scale, membership, *, config):
-        deltas = {
-            m: lowrank.factors_to_delta(f["A"][:, None], f["B"][:, None], scale)
-            for m, f in layer.items()
-        }  # [N, 1, d_out, d_in]: a one-layer library
-        weights = jnp.ones(scale.shape, jnp.float32)
-        merged = kmerge.combine_deltas(
-            kmerge.prepare_deltas(deltas, config), membership, weights, config
-        )
-        return {m: d[:, 0] for m, d in merged.items()}
-
-    return run
+# Clusters merged per call in ``merge_delta`` / ``merge_set``, and the member count of
+# ``merge_set``'s sets (about N / K at a 12.5% budget).
+MERGE_CHUNK, SET_SIZE = 8, 8
 
 
-def streamed_merge(params, scale, membership, config) -> None:
-    """Merge all clusters layer by layer; each layer's ``[K, d_out, d_in]`` result is
-    dropped once computed (a consumer would truncate or write it), so peak memory is
-    one layer's N dense deltas plus its K merged ones."""
-    import jax
+def chunked_merge(prepared, membership) -> None:
+    """Merge every row of ``membership [K, N]``, `MERGE_CHUNK` rows per call."""
+    from d2c_jax import merging
 
-    run = layer_merge()
-    layers = next(iter(params.values()))["A"].shape[1]
-    for layer in range(layers):
-        sliced = {m: {f: x[:, layer] for f, x in fs.items()} for m, fs in params.items()}
-        jax.block_until_ready(run(sliced, scale, membership, config=config))
+    for start in range(0, len(membership), MERGE_CHUNK):
+        block(merging.merged_deltas(prepared, membership[start : start + MERGE_CHUNK]))
 
 
 @functools.cache
@@ -258,18 +236,17 @@ def load_stages(factors: dict, names: list[str], sampler: RssSampler, repeat: in
 
 
 def parameter_stages(library, k: int, sampler: RssSampler, repeat: int) -> dict:
-    """Time K-Means and the batched merges of all K clusters."""
-    import jax.numpy as jnp
-
+    """Time K-Means, MBC and the batched merges of all K clusters."""
     from d2c_jax import merging
-    from d2c_jax.cluster import KMeansClustering, membership_mask
+    from d2c_jax.cluster import KMeansClustering, MBCClustering, membership_mask
     from kernels.merge import MergeConfig
 
     n = library.num_adapters
     kmeans = KMeansClustering()
     out = {"kmeans": timed(sampler, "kmeans", lambda: kmeans.fit(library, k, seed=0), 1)}
+    out["mbc"] = timed(sampler, "mbc", lambda: MBCClustering().fit(library, k, seed=0), 1)
     assign = kmeans.fit(library, k, seed=0).assign
-    membership = jnp.asarray(membership_mask(assign, k), jnp.float32)
+    membership = membership_mask(assign, k)
     factor_config = MergeConfig("ties", space="factor", density=DENSITY)
     out["merge_factor"] = timed(
         sampler,
@@ -282,15 +259,30 @@ def parameter_stages(library, k: int, sampler: RssSampler, repeat: int) -> dict:
         repeat,
     )
     delta_config = MergeConfig("ties", space="delta", density=DENSITY)
+
+    def prepare():
+        return block(
+            merging.prepare(library.params, library.scale, delta_config, names=library.names)
+        )
+
+    out["prepare_delta"] = timed(sampler, "prepare_delta", prepare, 1)
+    prepared = prepare()
     out["merge_delta"] = timed(
-        sampler,
-        "merge_delta",
-        lambda: streamed_merge(library.params, library.scale, membership, delta_config),
-        repeat,
+        sampler, "merge_delta", lambda: chunked_merge(prepared, membership), repeat
     )
-    out["merge_delta"]["min_bytes_moved"] = n * factor_bytes(MODULE_SHAPES) + (
-        2 * n + k
-    ) * dense_bytes(MODULE_SHAPES)
+    out["merge_delta"]["largest_cluster"] = int(membership.sum(axis=1).max())
+    out["merge_delta"]["min_bytes_moved"] = n * factor_bytes(MODULE_SHAPES) + k * dense_bytes(
+        MODULE_SHAPES
+    )
+    rng = np.random.default_rng(n)
+    sets = np.zeros((MERGE_CHUNK, n), bool)
+    for row in sets:
+        row[rng.choice(n, SET_SIZE, replace=False)] = True
+    out["merge_set"] = timed(
+        sampler, "merge_set", lambda: block(merging.merged_deltas(prepared, sets)), repeat
+    )
+    out["merge_set"]["seconds_per_set"] = round(out["merge_set"]["seconds"] / MERGE_CHUNK, 4)
+    out["merge_set"]["set_size"] = SET_SIZE
     return out
 
 
@@ -494,25 +486,45 @@ def child(argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+STAGES = (
+    "load_arrays",
+    "load_files",
+    "kmeans",
+    "mbc",
+    "merge_factor",
+    "prepare_delta",
+    "merge_delta",
+    "merge_set",
+    "d2c_scoring",
+)
+
+
+def exponents(sizes: list[dict]) -> dict[str, float]:
+    """Per stage, b of the least-squares fit ``seconds ~ N^b`` over the sizes measured."""
+    ok = [s for s in sizes if "error" not in s]
+    if len(ok) < 2:
+        return {}
+    log_n = np.log([s["n"] for s in ok])
+    return {
+        stage: round(float(np.polyfit(log_n, np.log([s[stage]["seconds"] for s in ok]), 1)[0]), 3)
+        for stage in STAGES
+        if all(stage in s for s in ok)
+    }
+
+
 def plot(sizes: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = (
-        "load_arrays",
-        "load_files",
-        "kmeans",
-        "merge_factor",
-        "merge_delta",
-        "d2c_scoring",
-    )
     ok = [s for s in sizes if "error" not in s]
     ns = [s["n"] for s in ok]
+    slopes = exponents(sizes)
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-    for stage in stages:
-        ax_t.plot(ns, [s[stage]["seconds"] for s in ok], "o-", label=stage)
+    for stage in STAGES:
+        label = f"{stage} (N^{slopes[stage]:.2f})" if stage in slopes else stage
+        ax_t.plot(ns, [s[stage]["seconds"] for s in ok], "o-", label=label)
         ax_m.plot(ns, [s[stage]["rss_peak_gb"] for s in ok], "o-", label=stage)
     ax_t.set(xscale="log", yscale="log", xlabel="adapters N (K = N/8)", ylabel="seconds")
     ax_t.set_title("time per stage (d2c_scoring: one iteration, tiny model)")
@@ -599,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul_peak_gflops": peak,
         "copy_bandwidth": bandwidth,
         "sizes": results,
+        "exponents": exponents(results),
         "roofline": {"scoring": roofline, "merge_delta": merge_roofline},
     }
     path = write_result(name, payload)

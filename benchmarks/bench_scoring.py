@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     merge_cfg = merging.DEFAULT_MERGE
     t0 = time.perf_counter()
     prepared = merging.prepare(params, scale, merge_cfg, names=tasks)
-    jax.block_until_ready(prepared.tensors)
+    jax.block_until_ready(prepared)
     prepare_seconds = time.perf_counter() - t0
     mask_j = jnp.asarray(masks, jnp.float32)
 

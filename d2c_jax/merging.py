@@ -19,12 +19,18 @@ to rank r by SVD (`kernels.lowrank`); factor space merges A and B with PEFT's
 ``B @ A`` of the merged factors, so in factor space "untruncated" and "deployed"
 coincide.
 
-The expensive, cluster-independent part (trimming / DARE masks) is done once by
-`prepare`; `merged_deltas` / `merged_factors` then merge any membership mask. In
-delta space the prepared library holds every adapter's dense delta: 4 bytes x N x
-L x sum over modules of d_out x d_in (2.1 GB for 40 SmolLM2 q,v adapters).
-DARE's random mask of an adapter depends only on ``MergeConfig.seed`` and the
-adapter's name, so it is the same whichever library or subset the adapter sits in.
+Cost grows with the clusters, not with the library. The cluster-independent part
+is done once by `prepare`: in delta space only each adapter's per-matrix trim
+threshold (or its DARE key) is kept, never its dense delta, so a prepared library
+weighs about what its factors weigh (1.8 MB per SmolLM2 q,v adapter instead of
+53 MB). A merge (`merged_deltas` / `merged_factors`) turns the mask into member
+lists ``[C, S]`` on the host (`member_plan`: S padded to a few bucket sizes),
+gathers those members, and in delta space recomputes their deltas one layer at a
+time, trims them by the stored thresholds and combines them
+(`kernels.merge.combine_members`): work and temporaries are O(C x S) per layer,
+whatever N is. DARE's random mask of an adapter depends only on
+``MergeConfig.seed`` and the adapter's name, so it is the same whichever library
+or subset the adapter sits in.
 
 The command-line flags of a merge live in `d2c_jax.commands.merge_args`; the named
 merge methods in `kernels.merge_methods`.
@@ -34,10 +40,11 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import lowrank
 from kernels import merge as kmerge
@@ -54,26 +61,41 @@ DEFAULT_MERGE = MergeConfig("ties", space="delta", density=0.2)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PreparedLibrary:
-    """A library sparsified for one MergeConfig; merge any membership mask from it.
+    """A library made ready for one MergeConfig; merge any member lists from it.
+
+    Nothing here is dense: a delta-space merge recomputes each member's delta from
+    its factors and sparsifies it on the fly, so memory grows with N times the
+    factor size (not N times ``d_out x d_in``) and a merge costs what its clusters
+    cost.
 
     Attributes:
-      tensors: delta space ``{module: [N, L, d_out, d_in]}`` (scale folded in);
-        factor space ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}``.
-        Trimmed or DARE-masked, unweighted.
-      factors: the library's own factors ``{module: {"A", "B"}}`` ``[N, ...]``, for
-        one-member clusters under ``singletons="keep"``.
+      factors: the library's own factors ``{module: {"A": [N, L, r, d_in],
+        "B": [N, L, d_out, r]}}``.
+      sparse_factors: factor space: the factors trimmed or DARE-masked, unweighted;
+        delta space: None.
+      thresholds: delta space with magnitude trimming: ``{module: [N, L]}`` int32
+        thresholds on the bit patterns of each member delta's magnitudes
+        (`kernels.merge.trim_thresholds`); otherwise None.
+      keys: delta space with DARE: ``[N, 2]`` uint32 key data of each adapter's
+        PRNG key (`adapter_keys`); otherwise None.
       scale: ``[N]`` LoRA scales of the inputs.
       weights: ``[N]`` per-adapter weights.
       config: the merge (static).
       rank: r of the merged adapters (the library's rank).
     """
 
-    tensors: dict
     factors: dict
+    sparse_factors: dict | None
+    thresholds: dict | None
+    keys: jax.Array | None
     scale: jax.Array
     weights: jax.Array
     config: MergeConfig = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_adapters(self) -> int:
+        return int(self.weights.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,11 +168,6 @@ def config_weights(config: MergeConfig, n: int) -> jax.Array:
     return jnp.asarray(config.weights, jnp.float32)
 
 
-@jax.jit
-def _library_deltas(params: LoraParams, scale: jax.Array) -> dict[str, jax.Array]:
-    return {m: lowrank.factors_to_delta(f["A"], f["B"], scale) for m, f in params.items()}
-
-
 def _kernel_config(config: MergeConfig) -> MergeConfig:
     """`config` without the fields kernels get as arrays (weights, seed -> keys).
 
@@ -164,11 +181,29 @@ def _for_kernels(prepared: PreparedLibrary) -> PreparedLibrary:
     return dataclasses.replace(prepared, config=_kernel_config(prepared.config))
 
 
+# Adapters whose delta thresholds are found together when preparing a library: the
+# dense deltas of one batch are the only dense [.., d_out, d_in] arrays it holds.
+PREPARE_BATCH = 4
+
+
 @jax.jit(static_argnames="config")
-def _prepare_jit(tensors, keys, config: MergeConfig):
-    if config.space == "delta":
-        return kmerge.prepare_deltas(tensors, config, keys)
-    return kmerge.prepare_factors(tensors, config, keys)
+def _delta_thresholds(factors, scale, config: MergeConfig):
+    """``{module: [N, L]}`` trim thresholds of every adapter's dense delta, a few
+    adapters at a time."""
+
+    def one(args):
+        f, s = args
+        deltas = {m: lowrank.factors_to_delta(x["A"], x["B"], s)[None] for m, x in f.items()}
+        return jax.tree.map(
+            lambda t: t[0], kmerge.trim_thresholds(deltas, config.density, config.trim)
+        )
+
+    return jax.lax.map(one, (factors, scale), batch_size=PREPARE_BATCH)
+
+
+@jax.jit(static_argnames="config")
+def _sparse_factors(factors, keys, config: MergeConfig):
+    return kmerge.prepare_factors(factors, config, keys)
 
 
 def prepare(
@@ -178,7 +213,8 @@ def prepare(
     *,
     names: Sequence[str],
 ) -> PreparedLibrary:
-    """Sparsify a stacked library once for `config` (trimming / DARE masks).
+    """Make a stacked library ready to merge under `config`: trimming thresholds or
+    DARE keys (delta space), or the sparsified factors (factor space).
 
     Args:
       params: ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}``.
@@ -190,59 +226,112 @@ def prepare(
     if len(names) != n:
         raise ValueError(f"names has {len(names)} entries but the library has {n} adapters")
     scale = jnp.asarray(scale, jnp.float32)
-    weights = config_weights(config, n)
-    keys = adapter_keys(names, config.seed) if config.spec.sparsify == "dare" else None
-    if config.space == "delta":
-        tensors = _library_deltas(dict(params), scale)
-    else:
-        tensors = {m: {"A": f["A"], "B": f["B"]} for m, f in params.items()}
+    factors = {m: {"A": jnp.asarray(f["A"]), "B": jnp.asarray(f["B"])} for m, f in params.items()}
+    dare = config.spec.sparsify == "dare"
+    keys = adapter_keys(names, config.seed) if dare else None
+    sparse = thresholds = key_data = None
+    if config.space == "factor":
+        sparse = _sparse_factors(factors, keys, _kernel_config(config))
+    elif config.spec.sparsify == "magnitude":
+        thresholds = _delta_thresholds(factors, scale, _kernel_config(config))
+    elif dare:
+        key_data = jax.random.key_data(keys)
     return PreparedLibrary(
-        tensors=_prepare_jit(tensors, keys, _kernel_config(config)),
-        factors={
-            m: {"A": jnp.asarray(f["A"]), "B": jnp.asarray(f["B"])} for m, f in params.items()
-        },
+        factors=factors,
+        sparse_factors=sparse,
+        thresholds=thresholds,
+        keys=key_data,
         scale=scale,
-        weights=weights,
+        weights=config_weights(config, n),
         config=config,
         rank=rank,
     )
 
 
-def _check_membership(prepared: PreparedLibrary, membership: jax.Array) -> jax.Array:
-    membership = jnp.asarray(membership)
-    n = prepared.weights.shape[0]
-    if membership.ndim != 2 or membership.shape[1] != n:
-        raise ValueError(f"membership must be a [C, N={n}] mask, got shape {membership.shape}")
-    return membership
+def _bucket(size: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... that holds `size`: member lists
+    are padded to few distinct lengths, so few shapes are compiled."""
+    bucket = 1 << max(size - 1, 0).bit_length()
+    return 3 * bucket // 4 if size <= 3 * bucket // 4 else bucket
 
 
-def _combine(prepared: PreparedLibrary, membership: jax.Array):
-    """Delta space: ``{m: [C, L, o, i]}``; factor space: ``{m: {"A", "B"}}`` [C, ...]."""
+def member_plan(membership, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[C, N]`` mask -> ``(index [C, S], valid [C, S])`` on the host: each row's
+    members in library order, padded to a bucket size S >= the largest row."""
+    mask = np.asarray(membership) != 0
+    if mask.ndim != 2 or mask.shape[1] != n:
+        raise ValueError(f"membership must be a [C, N={n}] mask, got shape {mask.shape}")
+    width = min(_bucket(int(mask.sum(axis=1).max(initial=1))), n)
+    order = np.argsort(~mask, axis=1, kind="stable")[:, :width].astype(np.int32)
+    return order, np.take_along_axis(mask, order, axis=1)
+
+
+def _raw_deltas(prepared: PreparedLibrary, index: jax.Array, module: str, layer) -> jax.Array:
+    """``[C, S, d_out, d_in]`` unmerged deltas (scale folded in) of the members at `layer`."""
+    f = prepared.factors[module]
+    return lowrank.factors_to_delta(
+        f["A"][index, layer], f["B"][index, layer], prepared.scale[index]
+    )
+
+
+def _sparsify_members(prepared, index, module_position: int, module: str, layer, delta):
+    """The members' prepared (trimmed / DARE-masked) deltas, as `kernels.merge.prepare_deltas`
+    would hold them."""
     config = prepared.config
-    if config.space == "delta":
-        combined = kmerge.combine_deltas(prepared.tensors, membership, prepared.weights, config)
-    else:
-        combined = kmerge.combine_factors(
-            prepared.tensors, prepared.scale, membership, prepared.weights, config
-        )
-    if config.singletons == "keep":
-        combined = kmerge.keep_single_members(
-            combined, _member_tensors(prepared, membership), membership
-        )
-    return combined
+    if prepared.thresholds is not None:
+        keep = kmerge.apply_thresholds(delta, prepared.thresholds[module][index, layer])
+        return jnp.where(keep, delta, 0.0)
+    if prepared.keys is not None:
+        keys = jax.random.wrap_key_data(prepared.keys[index])
+        keep = kmerge.dare_keep(keys, module_position, layer, delta.shape[-2:], config.density)
+        return jnp.where(keep, delta / config.density, 0.0)
+    return delta
 
 
-def _member_tensors(prepared: PreparedLibrary, membership: jax.Array):
-    """Each row's first member, unmerged, in the combined form (scale folded in)."""
-    index = kmerge.first_member(membership)
-    factors = jax.tree.map(lambda x: x[index], prepared.factors)
+def _delta_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
+    """``{module: [C, L, d_out, d_in]}`` merged deltas, one layer at a time (the only
+    dense arrays are one layer's ``[C, S, d_out, d_in]`` member deltas)."""
+    config = prepared.config
+    weights = prepared.weights[index]
+    out = {}
+    for position, module in enumerate(sorted(prepared.factors)):
+
+        def layer_merge(layer, module=module, position=position):
+            delta = _raw_deltas(prepared, index, module, layer)
+            members = _sparsify_members(prepared, index, position, module, layer, delta)
+            merged = kmerge.combine_members({module: members}, valid, weights, config)
+            if config.singletons == "keep":
+                merged = kmerge.keep_single_members(merged, {module: delta[:, 0]}, valid)
+            return merged[module]
+
+        layers = prepared.factors[module]["A"].shape[1]
+        out[module] = jnp.moveaxis(jax.lax.map(layer_merge, jnp.arange(layers)), 0, 1)
+    return out
+
+
+def _factor_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
+    """``{module: {"A": [C, L, r, d_in], "B": [C, L, d_out, r]}}`` merged factors."""
+    config = prepared.config
+    members = jax.tree.map(lambda x: x[index], prepared.sparse_factors)
     scale = prepared.scale[index]
+    merged = kmerge.combine_factor_members(members, scale, valid, prepared.weights[index], config)
+    if config.singletons == "keep":
+        # The first member unmerged, its scale split over A and B as the combine does.
+        root = jnp.sqrt(jnp.abs(scale[:, 0])).reshape(-1, 1, 1, 1)
+        sign = jnp.sign(scale[:, 0]).reshape(-1, 1, 1, 1)
+        first = {
+            m: {"A": f["A"][index[:, 0]] * sign * root, "B": f["B"][index[:, 0]] * root}
+            for m, f in prepared.factors.items()
+        }
+        merged = kmerge.keep_single_members(merged, first, valid)
+    return merged
+
+
+def _combine(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
+    """Delta space: ``{m: [C, L, o, i]}``; factor space: ``{m: {"A", "B"}}`` [C, ...]."""
     if prepared.config.space == "delta":
-        return {m: lowrank.factors_to_delta(f["A"], f["B"], scale) for m, f in factors.items()}
-    # Split the scale over A and B as combine_factors does (PEFT's convention).
-    root = jnp.sqrt(jnp.abs(scale)).reshape(-1, 1, 1, 1)
-    sign = jnp.sign(scale).reshape(-1, 1, 1, 1)
-    return {m: {"A": f["A"] * sign * root, "B": f["B"] * root} for m, f in factors.items()}
+        return _delta_space(prepared, index, valid)
+    return _factor_space(prepared, index, valid)
 
 
 def _as_deltas(prepared: PreparedLibrary, combined) -> dict[str, dict[str, jax.Array]]:
@@ -259,43 +348,60 @@ def _as_factors(prepared: PreparedLibrary, combined) -> LoraParams:
 
 
 @jax.jit
-def _merged_deltas_jit(prepared: PreparedLibrary, membership: jax.Array):
-    return _as_deltas(prepared, _combine(prepared, membership))
+def _merged_deltas_jit(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
+    return _as_deltas(prepared, _combine(prepared, index, valid))
 
 
 @jax.jit(static_argnames="with_delta")
-def _merged_factors_jit(prepared: PreparedLibrary, membership: jax.Array, with_delta: bool):
-    combined = _combine(prepared, membership)
+def _merged_factors_jit(prepared: PreparedLibrary, index, valid, with_delta: bool):
+    combined = _combine(prepared, index, valid)
     delta = _as_deltas(prepared, combined) if with_delta else None
     return _as_factors(prepared, combined), delta
 
 
+def _plan(prepared: PreparedLibrary, membership, place):
+    index, valid = member_plan(membership, prepared.num_adapters)
+    return (index, valid) if place is None else place((index, valid))
+
+
 def merged_deltas(
-    prepared: PreparedLibrary, membership: jax.Array
+    prepared: PreparedLibrary, membership, *, place: Callable | None = None
 ) -> dict[str, dict[str, jax.Array]]:
     """Untruncated merged deltas ``{module: {"delta": [C, L, d_out, d_in]}}`` (scale folded in).
 
     In delta space this skips the SVD (what candidate scoring wants); in factor
     space it is exactly ``B @ A`` of the merged factors.
+
+    Args:
+      prepared: from `prepare`.
+      membership: ``[C, N]`` host mask (NumPy or a fully addressable array); only
+        each row's members are gathered and merged.
+      place: places the ``(index [C, S], valid [C, S])`` member lists on devices
+        (e.g. split over candidates, `d2c_jax.sharding`); default: as they are.
     """
-    return _merged_deltas_jit(_for_kernels(prepared), _check_membership(prepared, membership))
+    return _merged_deltas_jit(_for_kernels(prepared), *_plan(prepared, membership, place))
 
 
 def merged_factors(
-    prepared: PreparedLibrary, membership: jax.Array, *, return_delta: bool = False
+    prepared: PreparedLibrary,
+    membership,
+    *,
+    return_delta: bool = False,
+    place: Callable | None = None,
 ) -> MergedAdapters:
-    """C merged rank-r adapters for the ``[C, N]`` mask (delta space: truncated SVD)."""
-    membership = _check_membership(prepared, membership)
-    params, delta = _merged_factors_jit(_for_kernels(prepared), membership, return_delta)
+    """C merged rank-r adapters for the ``[C, N]`` mask (delta space: truncated SVD);
+    arguments as `merged_deltas`."""
+    index, valid = _plan(prepared, membership, place)
+    params, delta = _merged_factors_jit(_for_kernels(prepared), index, valid, return_delta)
     return MergedAdapters(
-        params=params, scale=jnp.ones((membership.shape[0],), jnp.float32), delta=delta
+        params=params, scale=jnp.ones((index.shape[0],), jnp.float32), delta=delta
     )
 
 
 def merge(
     params: Mapping[str, Mapping[str, jax.Array]],
     scale: jax.Array,
-    membership: jax.Array,
+    membership,
     config: MergeConfig,
     *,
     names: Sequence[str],

@@ -1,10 +1,14 @@
 """Batched model-merging kernels: TIES, linear, task arithmetic, DARE, magnitude prune.
 
 Everything here is pure array math over pytrees whose leaves carry the adapter
-axis N first. Cluster membership is a mask ``membership [C, N]`` (row c = the
-members of cluster or candidate c, float or bool), so clusters of any size merge
-in one call as masked reductions (matrix products over N), with no Python loop
-over adapters or clusters and no recompilation when the membership changes.
+axis N first. A batch of C clusters (or candidates) is given by its members:
+tensors gathered as ``[C, S, ...]`` with ``valid [C, S]`` marking the slots in use
+(`combine_members`, `combine_factor_members`), so a merge reduces over a cluster's
+S members, not over the library, with no Python loop over adapters or clusters.
+`combine_deltas` / `combine_factors` take a mask ``membership [C, N]`` instead and
+gather all N slots (`member_index`): the jittable form for small libraries and
+tests; `d2c_jax.merging` builds the member lists on the host, padded to a few
+bucket sizes S.
 
 Two stages, because trimming depends only on each adapter, never on the cluster:
 
@@ -56,7 +60,10 @@ one adapter is that adapter, unchanged (`keep_single_members`); with ``"merge"``
 
 Trimming keeps ``k = int(density * size)`` entries (PEFT's rounding): the
 largest magnitudes, selected by a threshold searched on the float bit patterns
-(no sorting). Entries tied with the k-th largest magnitude are all kept, which
+(no sorting). Thresholds are per matrix (`trim_thresholds`), so a caller can keep
+them instead of the trimmed tensors and trim any member again on the fly
+(`apply_thresholds`); DARE's masks are likewise redrawn per matrix from the
+adapter's key (`dare_keep`). Entries tied with the k-th largest magnitude are all kept, which
 only differs from top-k when magnitudes repeat exactly.
 """
 
@@ -64,13 +71,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.merge_methods import DIVISORS, MergeMethod, get_method
 
@@ -257,54 +264,95 @@ def _top_k_threshold(bits: list[jax.Array], k: int) -> jax.Array:
     return jax.lax.while_loop(searching, step, state)[0]
 
 
-def _keep_top(blocks: list[jax.Array], density: float) -> list[jax.Array]:
-    """Boolean masks keeping the top `density` fraction of |x| in each row of `blocks`.
+def _row_thresholds(blocks: list[jax.Array], density: float) -> jax.Array:
+    """``[R]`` int32 thresholds on magnitude bit patterns keeping the top `density`
+    fraction of |x| in each row of `blocks` (keep ``bits >= threshold``).
 
     `blocks` are ``[R, M_j]`` arrays sharing the row axis; each row keeps
     ``k = int(density * sum M_j)`` entries across all its blocks.
     """
+    rows = blocks[0].shape[0]
     total = sum(b.shape[1] for b in blocks)
     k = int(density * total)
     if k >= total:
-        return [jnp.ones(b.shape, bool) for b in blocks]
+        return jnp.zeros((rows,), jnp.int32)  # every bit pattern of |x| is >= 0
     if k == 0:
-        return [jnp.zeros(b.shape, bool) for b in blocks]
+        return jnp.full((rows,), KEEP_NONE, jnp.int32)
 
-    def row_masks(row_blocks):
-        bits = [_magnitude_bits(b) for b in row_blocks]
-        threshold = _top_k_threshold(bits, k)
-        return [b >= threshold for b in bits]
+    def row_threshold(row_blocks):
+        return _top_k_threshold([_magnitude_bits(b) for b in row_blocks], k)
 
     rows_per_step = max(1, TRIM_BLOCK_BYTES // (4 * total))
-    return jax.lax.map(row_masks, blocks, batch_size=min(rows_per_step, blocks[0].shape[0]))
+    return jax.lax.map(row_threshold, blocks, batch_size=min(rows_per_step, rows))
 
 
-def trim_masks(tree: Tree, density: float, scope: Literal["global", "per-tensor"]) -> Tree:
-    """Keep-masks of magnitude trimming, same structure and shapes as `tree`.
+# Above the bit pattern of every finite float32 magnitude and of inf: keeps nothing.
+KEEP_NONE = np.iinfo(np.int32).max
+
+
+def trim_thresholds(tree: Tree, density: float, scope: Literal["global", "per-tensor"]) -> Tree:
+    """Magnitude-trimming thresholds, one per matrix: leaves ``[N, ...]`` (the leaf's
+    shape without its last two axes), int32 bit patterns of |x| (keep ``bits >= t``).
+
+    Trimming depends only on the adapter, so a library's thresholds are found once
+    and a merge can recompute any member's trimmed tensor from its factors
+    (`apply_thresholds`) instead of holding every trimmed dense delta.
 
     Args:
       tree: pytree of ``[N, ..., m, n]`` leaves (adapter axis first, matrix last).
       density: fraction kept, in [0, 1]; ``k = int(density * size)`` entries are kept.
       scope: "per-tensor" trims each ``[m, n]`` matrix on its own; "global" trims
-        per adapter over all entries of all leaves together.
+        per adapter over all entries of all leaves together (every matrix of an
+        adapter then shares its threshold).
     """
     _choice("trim", scope, TRIMS)
     leaves, treedef = jax.tree.flatten(tree)
     n = _leading_size(tree)
+    for leaf in leaves:
+        if leaf.ndim < 3:
+            raise ValueError(f"trimming needs [N, ..., m, n] leaves, got {leaf.shape}")
     if scope == "global":
-        masks = _keep_top([leaf.reshape(n, -1) for leaf in leaves], density)
-    else:
-        for leaf in leaves:
-            if leaf.ndim < 3:
-                raise ValueError(
-                    f"per-tensor trimming needs [N, ..., m, n] leaves, got {leaf.shape}"
-                )
-        masks = [
-            _keep_top([leaf.reshape(-1, leaf.shape[-2] * leaf.shape[-1])], density)[0]
+        per_adapter = _row_thresholds([leaf.reshape(n, -1) for leaf in leaves], density)
+        thresholds = [
+            jnp.broadcast_to(per_adapter.reshape((n,) + (1,) * (leaf.ndim - 3)), leaf.shape[:-2])
             for leaf in leaves
         ]
-    masks = [mask.reshape(leaf.shape) for mask, leaf in zip(masks, leaves, strict=True)]
-    return jax.tree.unflatten(treedef, masks)
+    else:
+        thresholds = [
+            _row_thresholds([leaf.reshape(-1, leaf.shape[-2] * leaf.shape[-1])], density).reshape(
+                leaf.shape[:-2]
+            )
+            for leaf in leaves
+        ]
+    return jax.tree.unflatten(treedef, thresholds)
+
+
+def apply_thresholds(x: jax.Array, thresholds: jax.Array) -> jax.Array:
+    """Keep-mask of ``x [..., m, n]`` under per-matrix `thresholds` ``[...]``."""
+    return _magnitude_bits(x) >= thresholds[..., None, None]
+
+
+def trim_masks(tree: Tree, density: float, scope: Literal["global", "per-tensor"]) -> Tree:
+    """Keep-masks of magnitude trimming, same structure and shapes as `tree`
+    (see `trim_thresholds` for the arguments)."""
+    return jax.tree.map(apply_thresholds, tree, trim_thresholds(tree, density, scope))
+
+
+def dare_keep(keys: jax.Array, leaf: int, matrix: jax.Array | int, shape, density: float):
+    """DARE keep-masks ``[*keys.shape, *shape]`` of one matrix of each key's adapter.
+
+    The mask of matrix `matrix` (flat index over a leaf's axes between the adapter
+    axis and the matrix) of leaf `leaf` (position in `jax.tree` flattening order)
+    draws from ``fold_in(fold_in(key, leaf), matrix)``: it depends on nothing but
+    the adapter's key and the matrix's place, so a merge can redraw any member's
+    mask on its own (`matrix` may be traced, e.g. a layer index in a loop).
+    """
+
+    def one(key):
+        key = jax.random.fold_in(jax.random.fold_in(key, leaf), matrix)
+        return jax.random.bernoulli(key, density, tuple(shape))
+
+    return jax.vmap(one)(keys.reshape(-1)).reshape(keys.shape + tuple(shape))
 
 
 def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
@@ -313,9 +361,8 @@ def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
     Args:
       keys: ``[N]`` typed PRNG keys (``jax.random.key``), one per adapter, so an
         adapter's mask depends on its own key only, not on the other adapters.
-      tree: pytree of ``[N, ...]`` leaves. Adapter n draws one Bernoulli stream
-        from ``keys[n]`` covering all its entries, split across the leaves in
-        `jax.tree` flattening order (one draw per adapter keeps compilation cheap).
+      tree: pytree of ``[N, ..., m, n]`` leaves; each ``[m, n]`` matrix draws its own
+        stream (`dare_keep`).
       density: keep probability in (0, 1].
 
     Returns:
@@ -327,13 +374,15 @@ def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
         raise ValueError(
             f"keys must be {n} typed PRNG keys (jax.random.key), got {keys.shape} {keys.dtype}"
         )
-    sizes = [math.prod(leaf.shape[1:]) for leaf in leaves]
-    stream = jax.vmap(lambda key: jax.random.bernoulli(key, density, (sum(sizes),)))(keys)
-    offsets = itertools.accumulate(sizes, initial=0)
-    masks = [
-        stream[:, start : start + size].reshape(leaf.shape)
-        for start, size, leaf in zip(offsets, sizes, leaves, strict=False)
-    ]
+    masks = []
+    for j, leaf in enumerate(leaves):
+        if leaf.ndim < 3:
+            raise ValueError(f"DARE needs [N, ..., m, n] leaves, got {leaf.shape}")
+        matrices = math.prod(leaf.shape[1:-2])
+        per_matrix = jax.vmap(
+            lambda i, j=j, leaf=leaf: dare_keep(keys, j, i, leaf.shape[-2:], density)
+        )(jnp.arange(matrices))  # [M, N, m, n]
+        masks.append(jnp.moveaxis(per_matrix, 0, 1).reshape(leaf.shape))
     return jax.tree.unflatten(treedef, masks)
 
 
@@ -399,99 +448,103 @@ def _check_membership(membership: jax.Array, weights: jax.Array, n: int) -> jax.
         raise ValueError(f"membership must be [C, N] with N={n}, got shape {membership.shape}")
     if weights.shape != (n,):
         raise ValueError(f"weights must have shape ({n},), got {weights.shape}")
-    return membership.astype(jnp.float32)
+    return membership
 
 
-# TIES combines a [N, block] column slab at a time so that its temporaries (sign
-# masks, positive and negative parts) stay in cache instead of costing several
-# passes over [N, E] in memory; the target size of one slab in bytes:
-TIES_BLOCK_BYTES = 1 << 18
+def member_index(membership: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``membership [C, N]`` -> ``(index [C, N], valid [C, N])``: each row's members
+    first (in library order), then the other adapters marked invalid.
+
+    The jittable form of a member list (S = N); `d2c_jax.merging` builds the same
+    lists on the host, cut to a few bucket sizes S, so a merge costs what its
+    largest cluster costs rather than what the library costs.
+    """
+    is_member = membership != 0
+    index = jnp.argsort(~is_member, axis=1, stable=True).astype(jnp.int32)
+    return index, jnp.take_along_axis(is_member, index, axis=1)
 
 
-def _ties_block(
-    flat: jax.Array,
-    membership: jax.Array,
-    member_weights: jax.Array,
-    vote_sign: jax.Array,
-    config: MergeConfig,
-) -> jax.Array:
-    """TIES elect + disjoint mean of ``flat [N, E]`` for each row of ``membership [C, N]``."""
-    signed = flat * vote_sign[:, None]  # sign(signed) == sign(vote value)
-    pos = (signed > 0).astype(flat.dtype)
-    neg = (signed < 0).astype(flat.dtype)
-    if config.majority == "total":
-        vote_weights = member_weights if config.sign_vote == "weighted" else membership
-        vote = vote_weights @ flat
-    else:
-        vote = membership @ (pos - neg)
-    elect_pos = vote >= 0  # [C, E]
-    merged = jnp.where(elect_pos, member_weights @ (flat * pos), member_weights @ (flat * neg))
-    if config.divisor == "count":
-        count = jnp.where(elect_pos, membership @ pos, membership @ neg)
-        merged = merged / jnp.maximum(count, 1.0)
-    elif config.divisor == "weight":
-        total = jnp.where(elect_pos, member_weights @ pos, member_weights @ neg)
-        merged = merged / jnp.where(total == 0, 1.0, total)
-    return merged
-
-
-def _by_column_blocks(fn, flat: jax.Array, num_out: int, block: int) -> jax.Array:
-    """``fn([N, b]) -> [C, b]`` applied to column blocks of ``flat [N, E]``; returns [C, E]."""
-    e = flat.shape[1]
-    if e <= block:
-        return fn(flat)
-    full = e // block
-
-    def body(i, out):
-        chunk = jax.lax.dynamic_slice_in_dim(flat, i * block, block, axis=1)
-        return jax.lax.dynamic_update_slice_in_dim(out, fn(chunk), i * block, axis=1)
-
-    out = jax.lax.fori_loop(0, full, body, jnp.zeros((num_out, e), flat.dtype))
-    if full * block < e:
-        out = out.at[:, full * block :].set(fn(flat[:, full * block :]))
-    return out
-
-
-def _combine(tree: Tree, membership: jax.Array, weights: jax.Array, config: MergeConfig) -> Tree:
-    """``{leaf: [N, ...]} -> {leaf: [C, ...]}``: weighted sum or TIES disjoint mean.
+def _combine_members(tree: Tree, valid: jax.Array, weights: jax.Array, config: MergeConfig):
+    """``{leaf: [C, S, ...]} -> {leaf: [C, ...]}``: weighted sum or TIES disjoint mean
+    over each row's valid members (``valid [C, S]``, member weights ``[C, S]``).
 
     Per-cluster factors (lambda / D_c) are applied by the callers.
     """
-    member_weights = membership * weights[None, :]  # [C, N]
-    num_out = membership.shape[0]
+    valid = valid.astype(bool)
+    member_weights = jnp.where(valid, weights, 0.0)
+
+    def expand(v, x):  # [C, S] -> broadcastable against x [C, S, ...]
+        return v.reshape(v.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
 
     def weighted_sum(x):
-        return jnp.einsum("cn,n...->c...", member_weights, x)
+        return jnp.sum(expand(member_weights, x) * x, axis=1)
 
     def ties(x):
-        vote_sign = jnp.sign(weights) if config.sign_vote == "weighted" else jnp.ones_like(weights)
-        block = max(128, TIES_BLOCK_BYTES // (x.dtype.itemsize * (x.shape[0] + num_out)))
-        merged = _by_column_blocks(
-            lambda chunk: _ties_block(chunk, membership, member_weights, vote_sign, config),
-            x.reshape(x.shape[0], -1),
-            num_out,
-            block,
-        )
-        return merged.reshape((num_out,) + x.shape[1:])
+        w, ok = expand(member_weights, x), expand(valid, x)
+        vote_sign = jnp.sign(w) if config.sign_vote == "weighted" else ok
+        signed = x * vote_sign  # sign(signed) == sign(vote value); 0 on padding
+        pos, neg = (signed > 0).astype(x.dtype), (signed < 0).astype(x.dtype)
+        if config.majority == "total":
+            vote = jnp.sum((w if config.sign_vote == "weighted" else ok) * x, axis=1)
+        else:
+            vote = jnp.sum(pos - neg, axis=1)
+        agree = jnp.where((vote >= 0)[:, None], pos, neg)  # [C, S, ...]
+        merged = jnp.sum(w * x * agree, axis=1)
+        if config.divisor == "count":
+            merged = merged / jnp.maximum(jnp.sum(agree, axis=1), 1.0)
+        elif config.divisor == "weight":
+            total = jnp.sum(w * agree, axis=1)
+            merged = merged / jnp.where(total == 0, 1.0, total)
+        return merged
 
     return jax.tree.map(ties if config.is_ties else weighted_sum, tree)
 
 
-def cluster_factor(membership: jax.Array, weights: jax.Array, config: MergeConfig) -> jax.Array:
+def cluster_factor(valid: jax.Array, weights: jax.Array, config: MergeConfig) -> jax.Array:
     """``[C]`` factor ``lambda / D_c`` applied to each merged cluster.
+
+    Args:
+      valid: ``[C, S]`` member slots in use.
+      weights: ``[C, S]`` member weights.
 
     ``D_c`` is the weighted-sum methods' divisor (1, member count, or sum of member
     weights; an empty cluster gets 1 and merges to zero); TIES divides per entry
     inside the combine, so its factor is lambda alone.
     """
-    membership = _check_membership(membership, weights, weights.shape[0])
+    valid = valid.astype(jnp.float32)
     if config.is_ties or config.divisor == "none":
-        denominator = jnp.ones(membership.shape[0], jnp.float32)
+        denominator = jnp.ones(valid.shape[0], jnp.float32)
     elif config.divisor == "count":
-        denominator = membership.sum(axis=1)
+        denominator = valid.sum(axis=1)
     else:
-        denominator = membership @ weights
+        denominator = (valid * weights).sum(axis=1)
     return config.lam / jnp.where(denominator == 0, 1.0, denominator)
+
+
+def _scaled(x: jax.Array, factor: jax.Array) -> jax.Array:
+    return x * factor.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def combine_members(
+    members: Mapping[str, jax.Array], valid: jax.Array, weights: jax.Array, config: MergeConfig
+) -> dict[str, jax.Array]:
+    """Merge gathered prepared task tensors of each cluster: delta-space stage 2.
+
+    Args:
+      members: ``{module: [C, S, ...]}`` prepared tensors of each cluster's members
+        (slot s of row c is a member where ``valid[c, s]``, anything elsewhere).
+      valid: ``[C, S]`` bool.
+      weights: ``[C, S]`` the members' weights.
+      config: the merge (static).
+
+    Returns:
+      ``{module: [C, ...]}`` merged tensors (scale 1).
+    """
+    factor = cluster_factor(valid, weights, config)
+    return {
+        m: _scaled(x, factor)
+        for m, x in _combine_members(dict(members), valid, weights, config).items()
+    }
 
 
 def combine_deltas(
@@ -500,7 +553,8 @@ def combine_deltas(
     weights: jax.Array,
     config: MergeConfig,
 ) -> dict[str, jax.Array]:
-    """Merge prepared dense task vectors for every cluster: delta-space stage 2.
+    """Merge prepared dense task vectors for every cluster of a mask (`combine_members`
+    over all N slots; the engine gathers only the members, see `d2c_jax.merging`).
 
     Args:
       prepared: ``{module: [N, L, d_out, d_in]}`` from `prepare_deltas`.
@@ -512,10 +566,44 @@ def combine_deltas(
       ``{module: [C, L, d_out, d_in]}`` merged dense deltas (untruncated, scale 1).
     """
     n = _leading_size(prepared)
-    membership = _check_membership(membership, weights, n)
-    merged = _combine(dict(prepared), membership, weights, config)
-    factor = cluster_factor(membership, weights, config)
-    return {m: x * factor.reshape((-1,) + (1,) * (x.ndim - 1)) for m, x in merged.items()}
+    index, valid = member_index(_check_membership(membership, weights, n))
+    members = {m: x[index] for m, x in prepared.items()}
+    return combine_members(members, valid, weights[index], config)
+
+
+def combine_factor_members(
+    members: Mapping[str, Mapping[str, jax.Array]],
+    scale: jax.Array,
+    valid: jax.Array,
+    weights: jax.Array,
+    config: MergeConfig,
+) -> dict[str, dict[str, jax.Array]]:
+    """Merge gathered prepared LoRA factors of each cluster (PEFT semantics):
+    factor-space stage 2.
+
+    Args:
+      members: ``{module: {"A": [C, S, L, r, d_in], "B": [C, S, L, d_out, r]}}``
+        prepared factors of each cluster's members.
+      scale: ``[C, S]`` the members' LoRA scales (alpha / r, or alpha / sqrt(r)).
+      valid: ``[C, S]`` bool.
+      weights: ``[C, S]`` the members' weights.
+      config: the merge (static).
+
+    Returns:
+      ``{module: {"A": [C, L, r, d_in], "B": [C, L, d_out, r]}}`` with scale 1.
+    """
+    scaled = weights * scale
+    root = jnp.sqrt(jnp.abs(scaled))
+    side_weights = {"A": jnp.where(scaled >= 0, root, -root), "B": root}
+    factor = cluster_factor(valid, weights, config)
+    factor_root = jnp.sqrt(jnp.abs(factor))
+    side_factor = {"A": jnp.where(factor >= 0, factor_root, -factor_root), "B": factor_root}
+    merged = {}
+    for side in "AB":
+        tree = {m: members[m][side] for m in members}
+        out = _combine_members(tree, valid, side_weights[side], config)
+        merged[side] = {m: _scaled(x, side_factor[side]) for m, x in out.items()}
+    return {m: {side: merged[side][m] for side in "AB"} for m in members}
 
 
 def combine_factors(
@@ -525,56 +613,36 @@ def combine_factors(
     weights: jax.Array,
     config: MergeConfig,
 ) -> dict[str, dict[str, jax.Array]]:
-    """Merge prepared LoRA factors for every cluster (PEFT semantics): factor-space stage 2.
+    """`combine_factor_members` for every cluster of a ``[C, N]`` mask (all N slots).
 
     Args:
       prepared: ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}`` from
         `prepare_factors`.
-      scale: ``[N]`` LoRA scales (alpha / r, or alpha / sqrt(r) for rsLoRA).
+      scale: ``[N]`` LoRA scales.
       membership: ``[C, N]`` mask.
       weights: ``[N]`` per-adapter weights.
       config: the merge (static).
-
-    Returns:
-      ``{module: {"A": [C, L, r, d_in], "B": [C, L, d_out, r]}}`` with scale 1.
     """
     n = _leading_size(prepared)
-    membership = _check_membership(membership, weights, n)
+    index, valid = member_index(_check_membership(membership, weights, n))
     if scale.shape != (n,):
         raise ValueError(f"scale must have shape ({n},), got {scale.shape}")
-    scaled = weights * scale
-    root = jnp.sqrt(jnp.abs(scaled))
-    side_weights = {"A": jnp.where(scaled >= 0, root, -root), "B": root}
-    factor = cluster_factor(membership, weights, config)
-    factor_root = jnp.sqrt(jnp.abs(factor))
-    side_factor = {"A": jnp.where(factor >= 0, factor_root, -factor_root), "B": factor_root}
-    merged = {}
-    for side in "AB":
-        tree = {m: prepared[m][side] for m in prepared}
-        out = _combine(tree, membership, side_weights[side], config)
-        merged[side] = {
-            m: x * side_factor[side].reshape((-1,) + (1,) * (x.ndim - 1)) for m, x in out.items()
-        }
-    return {m: {side: merged[side][m] for side in "AB"} for m in prepared}
+    members = jax.tree.map(lambda x: x[index], dict(prepared))
+    return combine_factor_members(members, scale[index], valid, weights[index], config)
 
 
-def keep_single_members(merged: Tree, members: Tree, membership: jax.Array) -> Tree:
-    """Rows of ``membership [C, N]`` with exactly one member take that member unchanged.
+def keep_single_members(merged: Tree, first: Tree, valid: jax.Array) -> Tree:
+    """Clusters with exactly one member take that member unchanged.
 
     Args:
       merged: combined tensors, leaves ``[C, ...]``.
-      members: the same structure and shapes: each row's member's own (unmerged)
-        tensors, e.g. gathered at `first_member`.
-      membership: ``[C, N]`` mask.
+      first: the same structure and shapes: each cluster's first member's own
+        (unmerged) tensors.
+      valid: ``[C, S]`` member slots in use.
     """
-    single = (membership != 0).sum(axis=-1) == 1
+    single = valid.astype(jnp.int32).sum(axis=-1) == 1
     return jax.tree.map(
         lambda m, o: jnp.where(single.reshape((-1,) + (1,) * (m.ndim - 1)), o.astype(m.dtype), m),
         merged,
-        members,
+        first,
     )
-
-
-def first_member(membership: jax.Array) -> jax.Array:
-    """``[C]`` index of the first member of each row of ``membership [C, N]``."""
-    return jnp.argmax(membership != 0, axis=-1)

@@ -8,6 +8,8 @@ arbitrary signs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from d2c_jax import merging
+from kernels import merge as km
+from kernels.lowrank import factors_to_delta
 from kernels.merge import MergeConfig
 from kernels.merge_methods import METHODS, get_method
 
@@ -276,22 +280,99 @@ def test_merged_deltas_is_untruncated_and_factor_delta_is_exact():
 
 
 def test_dare_mask_depends_on_name_and_seed_not_on_the_library():
+    """An adapter's DARE-masked delta (a one-member merge under singletons="merge") is
+    the same in any library it sits in, and changes with the seed."""
     params, scale = random_library(2)
-    config = _config("dare_linear", "delta", density=0.5, seed=7)
-    full = merging.prepare(params, scale, config, names=NAMES)
+    config = _config("dare_linear", "delta", density=0.5, seed=7, singletons="merge")
     subset = [3, 1]
-    sub = merging.prepare(
+
+    def alone(config, params, scale, names, position):
+        prepared = merging.prepare(params, scale, config, names=names)
+        membership = np.eye(len(names), dtype=np.float32)[position : position + 1]
+        return merging.merged_deltas(prepared, membership)
+
+    full = alone(config, params, scale, NAMES, 3)
+    sub = alone(
+        config,
         jax.tree.map(lambda x: x[subset], params),
         scale[subset],
-        config,
-        names=[NAMES[i] for i in subset],
+        [NAMES[i] for i in subset],
+        0,
     )
     for m in D_OUT:
-        np.testing.assert_array_equal(sub.tensors[m], full.tensors[m][np.asarray(subset)])
-    reseeded = merging.prepare(
-        params, scale, _config("dare_linear", "delta", density=0.5, seed=8), names=NAMES
-    )
-    assert not np.array_equal(reseeded.tensors["q_proj"], full.tensors["q_proj"])
+        np.testing.assert_array_equal(sub[m]["delta"], full[m]["delta"])
+    reseeded = alone(dataclasses.replace(config, seed=8), params, scale, NAMES, 3)
+    assert not np.array_equal(reseeded["q_proj"]["delta"], full["q_proj"]["delta"])
+
+
+@PROPERTY_SETTINGS
+@given(
+    method=st.sampled_from(METHODS),
+    space=st.sampled_from(["delta", "factor"]),
+    trim=st.sampled_from(["per-tensor", "global"]),
+    singletons=st.sampled_from(["keep", "merge"]),
+    rows=st.lists(st.lists(st.booleans(), min_size=N, max_size=N), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_gathered_merge_equals_the_masked_kernel_merge(method, space, trim, singletons, rows, seed):
+    """The engine's merge (members gathered into buckets, deltas recomputed from the
+    factors and trimmed by stored thresholds) equals the kernels' masked merge over
+    every dense prepared adapter."""
+    params, scale = random_library(seed)
+    config = _config(method, space, trim=trim, singletons=singletons, seed=seed)
+    membership = np.asarray(rows, np.float32)
+    ours = merging.merged_deltas(merging.prepare(params, scale, config, names=NAMES), membership)
+    jparams = jax.tree.map(jnp.asarray, params)
+    weights = jnp.ones(N)
+    keys = merging.adapter_keys(NAMES, seed)
+    if space == "delta":
+        deltas = {
+            m: factors_to_delta(f["A"], f["B"], jnp.asarray(scale)) for m, f in jparams.items()
+        }
+        masked = km.combine_deltas(
+            km.prepare_deltas(deltas, config, keys), membership, weights, config
+        )
+        single = deltas
+    else:
+        merged = km.combine_factors(
+            km.prepare_factors(jparams, config, keys),
+            jnp.asarray(scale),
+            membership,
+            weights,
+            config,
+        )
+        masked = {m: factors_to_delta(f["A"], f["B"]) for m, f in merged.items()}
+        single = {
+            m: factors_to_delta(f["A"], f["B"], jnp.asarray(scale)) for m, f in jparams.items()
+        }
+    for c, row in enumerate(membership):
+        members = np.flatnonzero(row)
+        for m in D_OUT:
+            expected = masked[m][c]
+            if singletons == "keep" and len(members) == 1:
+                expected = single[m][members[0]]
+            np.testing.assert_allclose(ours[m]["delta"][c], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_member_lists_are_padded_to_few_bucket_sizes():
+    membership = np.zeros((3, 40), bool)
+    membership[0, [1, 5, 7]] = True
+    membership[1, 10:15] = True
+    index, valid = merging.member_plan(membership, 40)
+    assert index.shape == (3, 6)  # largest row 5 -> bucket 6
+    assert index[0, :3].tolist() == [1, 5, 7] and valid.sum(axis=1).tolist() == [3, 5, 0]
+    assert [merging.member_plan(np.ones((1, 40)), 40)[0].shape[1]] == [40]  # capped at N
+    sizes = {merging.member_plan((np.arange(40) < s)[None], 40)[0].shape[1] for s in range(1, 41)}
+    assert sizes == {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40}
+
+
+def test_prepared_library_holds_no_dense_delta():
+    """Memory grows with the factors: no leaf as large as one adapter's dense delta."""
+    params, scale = random_library(0)
+    for method in METHODS:
+        prepared = merging.prepare(params, scale, _config(method, "delta"), names=NAMES)
+        for leaf in jax.tree.leaves(prepared):
+            assert leaf.size <= N * L * max(D_OUT.values()) * R * 2, (method, leaf.shape)
 
 
 def test_shape_and_argument_errors():
@@ -318,7 +399,7 @@ def test_prepared_library_is_a_pytree_for_jit():
     params, scale = random_library(0)
     prepared = merging.prepare(params, scale, _config("ties", "delta"), names=NAMES)
     leaves = jax.tree.leaves(prepared)
-    # trimmed tensors and the A, B factors per module; scale; weights
+    # the A, B factors and trim thresholds per module; scale; weights
     assert len(leaves) == 3 * len(D_OUT) + 2
     doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p))(prepared)
     assert doubled.config == prepared.config and doubled.rank == R

@@ -58,7 +58,7 @@ def run_on_devices() -> dict:
         out[str(devices)] = {
             "candidates_per_call": objective.candidates_per_call,
             "chunk_devices": len(placed.sharding.device_set),
-            "library_spec": list(objective.prepared.tensors["q_proj"].sharding.spec),
+            "library_spec": list(objective.prepared.factors["q_proj"]["A"].sharding.spec),
             "losses": objective.task_losses(masks).tolist(),
             "assign": result.assign.tolist(),
             "objectives": [entry["objective"] for entry in result.log],

@@ -184,11 +184,14 @@ class DevObjective:
     def candidate_adapters(self, masks: np.ndarray):
         """Merged adapters of the rows of ``masks [C, N]`` in the form that is scored
         (C a multiple of the device count)."""
-        membership = sharding.put(np.asarray(masks, np.float32), self.mesh, sharding.CANDIDATES)
         if self.config.score_deployed:
-            merged = merging.merged_factors(self.prepared, membership)
+            merged = merging.merged_factors(self.prepared, masks, place=self._place)
             return merged.params, merged.scale
-        return merging.merged_deltas(self.prepared, membership), None
+        return merging.merged_deltas(self.prepared, masks, place=self._place), None
+
+    def _place(self, tree):
+        """Member lists ``[C, S]`` split over the candidate axis of the mesh."""
+        return sharding.put(tree, self.mesh, sharding.CANDIDATES)
 
     def task_losses(self, masks: np.ndarray) -> np.ndarray:
         """``masks [C, N]`` bool -> ``[C, N]``: mean dev NLL of each member task, 0 elsewhere."""
@@ -229,8 +232,7 @@ class DevObjective:
         return np.concatenate([masks, np.repeat(masks[:1], rows - len(masks), 0)])
 
     def _merged(self, masks: np.ndarray):
-        membership = sharding.put(np.asarray(masks, np.float32), self.mesh, sharding.CANDIDATES)
-        return merging.merged_deltas(self.prepared, membership)
+        return merging.merged_deltas(self.prepared, masks, place=self._place)
 
     def cross_losses(self, masks: np.ndarray) -> np.ndarray:
         """``masks [C, N]`` -> ``[C, N]``: mean dev NLL of *every* task under each row's
