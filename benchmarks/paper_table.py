@@ -573,11 +573,12 @@ def markdown(summary: dict[str, Any], scored: str = "test") -> str:
     if summary["d2c_vs"]:
         lines += [
             "",
-            "D2C minus each method, paired by seed (test score: higher is better for D2C; "
+            f"D2C minus each method, paired by seed ({scored} score: higher is better for D2C; "
             "J: lower is); verdict on the score: ahead / behind on every seed by more than "
             "the standard deviation of the difference, else within spread.",
             "",
-            "| budget | method | vs | test score difference | test J difference | ahead on "
+            f"| budget | method | vs | {scored} score difference | J difference on 20 test "
+            "examples/task | ahead on "
             "| verdict |",
             "|---|---|---|---|---|---|---|",
         ]

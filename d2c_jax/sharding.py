@@ -5,17 +5,16 @@ the same frozen base model on its own merged adapter and its own examples. So th
 engine uses a one-axis `jax.sharding.Mesh` named ``candidates`` and these rules:
 
 * `BASE`: base-model weights -> replicated.
-* `CANDIDATES`: anything with a leading candidate axis C (membership rows
-  ``[C, N]``, merged adapters ``[C, ...]``, their scales ``[C]``, token rows
+* `CANDIDATES`: anything with a leading candidate axis C (member lists
+  ``[C, S]``, merged adapters ``[C, ...]``, their scales ``[C]``, token rows
   ``[C, R, T]``) -> split on axis 0.
-* `LIBRARY`: the prepared (trimmed) library ``[N, ...]`` -> split on axis 0 when
-  the device count divides N (each device then holds 1/devices of the largest
-  array of the search), replicated otherwise.
+* `LIBRARY`: the prepared library (factors and trim thresholds ``[N, ...]``) ->
+  split on axis 0 when the device count divides N, replicated otherwise.
 
 The jitted merge and scoring functions are written for one global array (vmapped
 over candidates); given inputs placed by these rules, XLA's SPMD partitioner runs
-each device on its slice of the candidates, and turns the merge's sums over the
-library axis N into all-reduces. Nothing else changes, so the same code runs on
+each device on its slice of the candidates, and gathers the members those
+candidates need from the split library. Nothing else changes, so the same code runs on
 one device (a mesh of one), on N host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) and across hosts.
 
