@@ -11,8 +11,10 @@ Devices: candidate scoring is split over ``--devices`` devices (default: all vis
 see `d2c_jax.sharding`). The device count is not a setting of the result (it changes
 only float summation order), so a run may be resumed on another count. With
 ``--distributed`` every host runs the same command after `jax.distributed.initialize`
-(docs/ARCHITECTURE.md, "Scaling out"); process 0 writes OUT, and such runs keep no
-checkpoints (orbax would need every process to share OUT).
+(docs/ARCHITECTURE.md, "Scaling out"); only process 0 reads and writes OUT and the
+others follow its checks (`_check_out_on_writer`). Such runs keep no checkpoints
+(orbax would need every process to share OUT), so ``--resume`` of an unfinished run
+starts its search again (same settings, same result); a finished one is left as is.
 
 The flags map to a `d2c_jax.pipeline.ClusterJob` in one place (`job_from_args`) and
 the pipeline fits it; this module adds what a command needs around that: checks of
@@ -412,7 +414,46 @@ def _start_distributed(args: argparse.Namespace) -> bool:
     return jax.process_index() == 0
 
 
+OUT_STATES = ("new", "resume", "finished", "replace")
+
+
+def _check_out_on_writer(args, inputs, settings, writer: bool) -> tuple[Path, str]:
+    """Check OUT (`check_out`, `_prepare_out`) on the process that writes it;
+    returns ``(out, state)``.
+
+    In a multi-process run only process 0 looks at OUT and the others take its
+    answer (one broadcast), so that all of them stop, or go on, together (otherwise
+    a refusal or a finished run would end process 0 alone, and the others would
+    crash in the search's first collective once gloo timed out).
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    def check() -> tuple[Path, str]:
+        out = check_out(args.out, kind="dir", inputs=inputs)
+        return out, _prepare_out(out, settings, args.resume, args.force)
+
+    if jax.process_count() == 1:
+        return check()
+    out, code, error = Path(args.out), -1, None
+    if writer:
+        try:
+            out, state = check()
+            code = OUT_STATES.index(state)
+        except Exception as err:  # raised below, once the others know
+            error = err
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if error is not None:
+        raise error
+    if code < 0:
+        raise CommandError(f"--out {out}: refused by process 0 (see its error)")
+    return out, OUT_STATES[code]
+
+
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from d2c_jax import pipeline
     from d2c_jax.cluster import resolve_budget
 
@@ -425,18 +466,17 @@ def run(args: argparse.Namespace) -> int:
     if job.tasks is not None and not Path(job.tasks).is_dir():
         raise CommandError(f"{flag} {job.tasks}: no such directory")
     base_path = None if str(args.base) == "default" else args.base
-    out = check_out(
-        args.out,
-        kind="dir",
-        inputs=[("--library", library_dir), (flag, examples_dir), ("--base", base_path)],
-    )
-    state = _prepare_out(out, settings, args.resume, args.force) if writer else "new"
+    inputs = [("--library", library_dir), (flag, examples_dir), ("--base", base_path)]
+    out, state = _check_out_on_writer(args, inputs, settings, writer)
+    if writer and state == "resume" and jax.process_count() > 1:
+        print(f"--resume: multi-process runs keep no checkpoints; {out}'s search starts again")
     library = pipeline.load_library(job)
     k = resolve_budget(job.budget, library)
     if state == "finished":
-        remove_leftovers(out)
-        shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)
-        print(f"{out} holds a finished run with these settings; nothing to do")
+        if writer:
+            remove_leftovers(out)
+            shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)
+            print(f"{out} holds a finished run with these settings; nothing to do")
         return 0
     objective = None
     if pipeline.needs_objective(job):
