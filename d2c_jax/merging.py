@@ -24,7 +24,8 @@ is done once by `prepare`: in delta space only each adapter's per-matrix trim
 threshold (or its DARE key) is kept, never its dense delta, so a prepared library
 weighs about what its factors weigh (1.8 MB per SmolLM2 q,v adapter instead of
 53 MB). A merge (`merged_deltas` / `merged_factors`) turns the mask into member
-lists ``[C, S]`` on the host (`member_plan`: S padded to a few bucket sizes),
+lists ``[C, S]`` on the host (`member_plan`: S padded to a few bucket sizes; rows
+of similar sizes merged together, `merge_groups`),
 gathers those members, and in delta space recomputes their deltas one layer at a
 time, trims them by the stored thresholds and combines them
 (`kernels.merge.combine_members`): work and temporaries are O(C x S) per layer,
@@ -39,6 +40,7 @@ merge methods in `kernels.merge_methods`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 
@@ -255,15 +257,52 @@ def _bucket(size: int) -> int:
     return 3 * bucket // 4 if size <= 3 * bucket // 4 else bucket
 
 
-def member_plan(membership, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[C, N]`` mask -> ``(index [C, S], valid [C, S])`` on the host: each row's
-    members in library order, padded to a bucket size S >= the largest row."""
+def _host_mask(membership, n: int) -> np.ndarray:
     mask = np.asarray(membership) != 0
     if mask.ndim != 2 or mask.shape[1] != n:
         raise ValueError(f"membership must be a [C, N={n}] mask, got shape {mask.shape}")
+    return mask
+
+
+def _first_rows(x: jax.Array, count: int) -> jax.Array:
+    return x[:count]
+
+
+def member_plan(membership, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[C, N]`` mask -> ``(index [C, S], valid [C, S])`` on the host: each row's
+    members in library order, padded to a bucket size S >= the largest row."""
+    mask = _host_mask(membership, n)
     width = min(_bucket(int(mask.sum(axis=1).max(initial=1))), n)
     order = np.argsort(~mask, axis=1, kind="stable")[:, :width].astype(np.int32)
     return order, np.take_along_axis(mask, order, axis=1)
+
+
+# Member slots (rows x padded members) gathered by one merge call: bounds the
+# gathered factors and one layer's member deltas (about 1.3 MB each for SmolLM2's q)
+# whatever the clusters' sizes.
+MAX_SLOTS = 256
+
+
+def merge_groups(membership, n: int, rows_multiple: int = 1) -> list[np.ndarray]:
+    """Rows of a ``[C, N]`` mask to merge together: rows of similar member counts,
+    at most `MAX_SLOTS` member slots per group (one row alone may exceed it), so a
+    mix of small and large clusters is not padded to the largest. Each group's row
+    count is padded (by `_padded_rows`) to a bucket size and a multiple of
+    `rows_multiple` (devices)."""
+    counts = (np.asarray(membership) != 0).sum(axis=1)
+    groups, current = [], []
+    for row in np.argsort(counts, kind="stable"):
+        width = min(_bucket(max(int(counts[row]), 1)), n)
+        if current and _padded_rows(len(current) + 1, rows_multiple) * width > MAX_SLOTS:
+            groups.append(np.asarray(current))
+            current = []
+        current.append(row)
+    return groups + [np.asarray(current)] if current else groups
+
+
+def _padded_rows(rows: int, multiple: int) -> int:
+    padded = _bucket(rows)
+    return -(-padded // multiple) * multiple
 
 
 def _raw_deltas(prepared: PreparedLibrary, index: jax.Array, module: str, layer) -> jax.Array:
@@ -359,13 +398,31 @@ def _merged_factors_jit(prepared: PreparedLibrary, index, valid, with_delta: boo
     return _as_factors(prepared, combined), delta
 
 
-def _plan(prepared: PreparedLibrary, membership, place):
-    index, valid = member_plan(membership, prepared.num_adapters)
-    return (index, valid) if place is None else place((index, valid))
+def _grouped(prepared: PreparedLibrary, membership, place, rows_multiple, run):
+    """``run(index, valid)`` on each group of rows (`merge_groups`), results put back
+    in row order (leaves ``[C, ...]``)."""
+    n = prepared.num_adapters
+    mask = _host_mask(membership, n)
+    outputs, order = [], []
+    for rows in merge_groups(mask, n, rows_multiple):
+        padded = np.zeros((_padded_rows(len(rows), rows_multiple), n), bool)
+        padded[: len(rows)] = mask[rows]
+        plan = member_plan(padded, n)
+        out = run(*(plan if place is None else place(plan)))
+        outputs.append(jax.tree.map(functools.partial(_first_rows, count=len(rows)), out))
+        order.append(rows)
+    if len(outputs) == 1 and np.array_equal(order[0], np.arange(len(mask))):
+        return outputs[0]
+    inverse = np.argsort(np.concatenate(order))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[inverse], *outputs)
 
 
 def merged_deltas(
-    prepared: PreparedLibrary, membership, *, place: Callable | None = None
+    prepared: PreparedLibrary,
+    membership,
+    *,
+    place: Callable | None = None,
+    rows_multiple: int = 1,
 ) -> dict[str, dict[str, jax.Array]]:
     """Untruncated merged deltas ``{module: {"delta": [C, L, d_out, d_in]}}`` (scale folded in).
 
@@ -375,11 +432,20 @@ def merged_deltas(
     Args:
       prepared: from `prepare`.
       membership: ``[C, N]`` host mask (NumPy or a fully addressable array); only
-        each row's members are gathered and merged.
-      place: places the ``(index [C, S], valid [C, S])`` member lists on devices
-        (e.g. split over candidates, `d2c_jax.sharding`); default: as they are.
+        each row's members are gathered and merged, rows of similar sizes together.
+      place: places each call's ``(index [C', S], valid [C', S])`` member lists on
+        devices (e.g. split over candidates, `d2c_jax.sharding`); default: as they are.
+      rows_multiple: each call's row count C' is a multiple of this (the devices
+        `place` splits rows over).
     """
-    return _merged_deltas_jit(_for_kernels(prepared), *_plan(prepared, membership, place))
+    kernel_prepared = _for_kernels(prepared)
+    return _grouped(
+        prepared,
+        membership,
+        place,
+        rows_multiple,
+        lambda index, valid: _merged_deltas_jit(kernel_prepared, index, valid),
+    )
 
 
 def merged_factors(
@@ -388,14 +454,20 @@ def merged_factors(
     *,
     return_delta: bool = False,
     place: Callable | None = None,
+    rows_multiple: int = 1,
 ) -> MergedAdapters:
     """C merged rank-r adapters for the ``[C, N]`` mask (delta space: truncated SVD);
     arguments as `merged_deltas`."""
-    index, valid = _plan(prepared, membership, place)
-    params, delta = _merged_factors_jit(_for_kernels(prepared), index, valid, return_delta)
-    return MergedAdapters(
-        params=params, scale=jnp.ones((index.shape[0],), jnp.float32), delta=delta
+    kernel_prepared = _for_kernels(prepared)
+    params, delta = _grouped(
+        prepared,
+        membership,
+        place,
+        rows_multiple,
+        lambda index, valid: _merged_factors_jit(kernel_prepared, index, valid, return_delta),
     )
+    rows = np.shape(membership)[0]
+    return MergedAdapters(params=params, scale=jnp.ones((rows,), jnp.float32), delta=delta)
 
 
 def merge(

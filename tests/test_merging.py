@@ -404,3 +404,23 @@ def test_prepared_library_is_a_pytree_for_jit():
     doubled = jax.jit(lambda p: jax.tree.map(lambda x: 2 * x, p))(prepared)
     assert doubled.config == prepared.config and doubled.rank == R
     assert jnp.allclose(doubled.scale, 2 * prepared.scale)
+
+
+def test_rows_of_different_sizes_merge_in_groups_in_row_order(monkeypatch):
+    """Small and large clusters go to separate calls (bounded member slots), and the
+    result comes back in row order, equal to merging each row alone."""
+    monkeypatch.setattr(merging, "MAX_SLOTS", 4)
+    params, scale = random_library(3)
+    membership = np.asarray(
+        [[1, 1, 1, 1, 1], [0, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 0, 1, 1]], np.float32
+    )
+    groups = merging.merge_groups(membership, N, rows_multiple=2)
+    assert sorted(np.concatenate(groups).tolist()) == [0, 1, 2, 3] and len(groups) > 1
+    prepared = merging.prepare(params, scale, _config("ties", "delta"), names=NAMES)
+    together = merging.merged_deltas(prepared, membership, rows_multiple=2)
+    for c in range(len(membership)):
+        alone = merging.merged_deltas(prepared, membership[c : c + 1])
+        for m in D_OUT:
+            np.testing.assert_allclose(
+                together[m]["delta"][c], alone[m]["delta"][0], rtol=1e-6, atol=1e-6
+            )

@@ -185,13 +185,18 @@ class DevObjective:
         """Merged adapters of the rows of ``masks [C, N]`` in the form that is scored
         (C a multiple of the device count)."""
         if self.config.score_deployed:
-            merged = merging.merged_factors(self.prepared, masks, place=self._place)
+            merged = merging.merged_factors(self.prepared, masks, **self._placement)
             return merged.params, merged.scale
-        return merging.merged_deltas(self.prepared, masks, place=self._place), None
+        return merging.merged_deltas(self.prepared, masks, **self._placement), None
 
-    def _place(self, tree):
-        """Member lists ``[C, S]`` split over the candidate axis of the mesh."""
-        return sharding.put(tree, self.mesh, sharding.CANDIDATES)
+    @property
+    def _placement(self) -> dict:
+        """How merges place their member lists ``[C, S]``: split over the candidate
+        axis of the mesh, C a multiple of the devices."""
+        return {
+            "place": lambda tree: sharding.put(tree, self.mesh, sharding.CANDIDATES),
+            "rows_multiple": sharding.num_devices(self.mesh),
+        }
 
     def task_losses(self, masks: np.ndarray) -> np.ndarray:
         """``masks [C, N]`` bool -> ``[C, N]``: mean dev NLL of each member task, 0 elsewhere."""
@@ -232,7 +237,7 @@ class DevObjective:
         return np.concatenate([masks, np.repeat(masks[:1], rows - len(masks), 0)])
 
     def _merged(self, masks: np.ndarray):
-        return merging.merged_deltas(self.prepared, masks, place=self._place)
+        return merging.merged_deltas(self.prepared, masks, **self._placement)
 
     def cross_losses(self, masks: np.ndarray) -> np.ndarray:
         """``masks [C, N]`` -> ``[C, N]``: mean dev NLL of *every* task under each row's
