@@ -12,8 +12,8 @@ runs the same code:
     objective = build_objective(job, library) if needs_objective(job) else None
     record = fit(job, library, k, objective)            # ClusterRecord
 
-The objective (`DevObjective`: base model, prepared library of dense trimmed deltas,
-about 2 GB for the embedded library, and the encoded examples) is built only when
+The objective (`DevObjective`: base model, prepared library (factors and trim
+thresholds), and the encoded examples; loading the base model is the slow part) is built only when
 needed: always for a data-driven method (D2C), for a data-free one (random, kmeans,
 mbc, kmerge) only when the job asks for its dev objective J
 (``report_dev_objective``). A data-free job that does not ask loads no model and
