@@ -250,9 +250,10 @@ def prepare(
     )
 
 
-def _bucket(size: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... that holds `size`: member lists
-    are padded to few distinct lengths, so few shapes are compiled."""
+def bucket_size(size: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, ... (powers of two and 1.5 times
+    them) that holds `size`: arrays padded to it take few distinct shapes, so few
+    are compiled, and at most a quarter of one is padding."""
     bucket = 1 << max(size - 1, 0).bit_length()
     return 3 * bucket // 4 if size <= 3 * bucket // 4 else bucket
 
@@ -272,7 +273,7 @@ def member_plan(membership, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``[C, N]`` mask -> ``(index [C, S], valid [C, S])`` on the host: each row's
     members in library order, padded to a bucket size S >= the largest row."""
     mask = _host_mask(membership, n)
-    width = min(_bucket(int(mask.sum(axis=1).max(initial=1))), n)
+    width = min(bucket_size(int(mask.sum(axis=1).max(initial=1))), n)
     order = np.argsort(~mask, axis=1, kind="stable")[:, :width].astype(np.int32)
     return order, np.take_along_axis(mask, order, axis=1)
 
@@ -292,7 +293,7 @@ def merge_groups(membership, n: int, rows_multiple: int = 1) -> list[np.ndarray]
     counts = (np.asarray(membership) != 0).sum(axis=1)
     groups, current = [], []
     for row in np.argsort(counts, kind="stable"):
-        width = min(_bucket(max(int(counts[row]), 1)), n)
+        width = min(bucket_size(max(int(counts[row]), 1)), n)
         if current and _padded_rows(len(current) + 1, rows_multiple) * width > MAX_SLOTS:
             groups.append(np.asarray(current))
             current = []
@@ -301,7 +302,7 @@ def merge_groups(membership, n: int, rows_multiple: int = 1) -> list[np.ndarray]
 
 
 def _padded_rows(rows: int, multiple: int) -> int:
-    padded = _bucket(rows)
+    padded = bucket_size(rows)
     return -(-padded // multiple) * multiple
 
 

@@ -256,17 +256,12 @@ def llama_cpp_permute(w, n_head):
     return split.swapaxes(1, 2).reshape(w.shape)
 
 
-GGUF_TENSOR_NAMES = {
-    "attn_norm": "attn_norm",
-    "mlp_norm": "ffn_norm",
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
+def gguf_tensor_names() -> dict[str, str]:
+    """Our weight names -> llama.cpp's (the norms, then the export's module names;
+    llama.cpp itself rejects a file whose names are wrong)."""
+    from d2c_jax.export import GGUF_MODULE_NAMES
+
+    return {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", **GGUF_MODULE_NAMES}
 
 
 def write_tiny_gguf(path, config, weights, tokenizer, added=None, merges=()):
@@ -305,7 +300,7 @@ def write_tiny_gguf(path, config, weights, tokenizer, added=None, merges=()):
     writer.add_tensor("token_embd.weight", weights["embed"])
     writer.add_tensor("output_norm.weight", weights["final_norm"])
     for layer in range(config.num_layers):
-        for key, gname in GGUF_TENSOR_NAMES.items():
+        for key, gname in gguf_tensor_names().items():
             w = weights["layers"][key][layer]
             if key in ("q_proj", "k_proj"):
                 w = llama_cpp_permute(

@@ -466,7 +466,7 @@ def test_llama_cpp_matches_ours_on_smollm2(tmp_path_factory, real_base):
     base_file = default_gguf_path()
     f32_file = dequantized_copy(base_file, root / "base-f32.gguf")
     manifest = export_clusters(root / "clustering", root / "device", base_file)
-    assignment, merged = load_clusters(root / "clustering")
+    _, merged = load_clusters(root / "clustering")
     tok = real_base.tokenizer
     stops = {tok.eos_token_id, tok.get_vocab()["<|endoftext|>"]}
     plain = {"q4_1": llama(base_file), "f32": llama(f32_file)}

@@ -132,14 +132,10 @@ class DevObjective:
         return other
 
     def _chunk_size(self, count: int) -> int:
-        """Candidates computed for a chunk of `count`: the smallest of 1, 2, 3, 4, 6, 8,
-        12, 16, ... (powers of two and 1.5 times them) that holds it, at most
+        """Candidates computed for a chunk of `count`: `merging.bucket_size`, at most
         `candidates_per_call`, rounded to a multiple of the devices. A short chunk (a
-        sweep-mode visit scores about K sets) is not padded to full size, at most a
-        quarter of a chunk is padding, and the jitted calls see few distinct shapes."""
-        size = 1 << max(count - 1, 0).bit_length()
-        if count <= 3 * size // 4:
-            size = 3 * size // 4
+        sweep-mode visit scores about K sets) is not padded to full size."""
+        size = merging.bucket_size(count)
         return sharding.round_to_devices(min(self.candidates_per_call, size), self.mesh)
 
     def _chunks(self, masks: np.ndarray) -> list[np.ndarray]:
