@@ -306,17 +306,17 @@ def _padded_rows(rows: int, multiple: int) -> int:
     return -(-padded // multiple) * multiple
 
 
-def _raw_deltas(prepared: PreparedLibrary, index: jax.Array, module: str, layer) -> jax.Array:
-    """``[C, S, d_out, d_in]`` unmerged deltas (scale folded in) of the members at `layer`."""
+def _raw_deltas(prepared: PreparedLibrary, index: jax.Array, module: str, layer, rows) -> jax.Array:
+    """``[C, R, d_in]`` unmerged deltas (scale folded in) of the members ``index [C]``
+    at `layer`, output rows ``rows = (start, R)``."""
     f = prepared.factors[module]
-    return lowrank.factors_to_delta(
-        f["A"][index, layer], f["B"][index, layer], prepared.scale[index]
-    )
+    b = jax.lax.dynamic_slice_in_dim(f["B"][index, layer], rows[0], rows[1], axis=-2)
+    return lowrank.factors_to_delta(f["A"][index, layer], b, prepared.scale[index])
 
 
 def _sparsify_members(prepared, index, module_position: int, module: str, layer, delta):
     """The members' prepared (trimmed / DARE-masked) deltas, as `kernels.merge.prepare_deltas`
-    would hold them."""
+    would hold them (DARE: `delta` holds every row of the matrix)."""
     config = prepared.config
     if prepared.thresholds is not None:
         keep = kmerge.apply_thresholds(delta, prepared.thresholds[module][index, layer])
@@ -328,24 +328,80 @@ def _sparsify_members(prepared, index, module_position: int, module: str, layer,
     return delta
 
 
-def _delta_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
-    """``{module: [C, L, d_out, d_in]}`` merged deltas, one layer at a time (the only
-    dense arrays are one layer's ``[C, S, d_out, d_in]`` member deltas)."""
+# Bytes of the running member sums of one block of output rows: the blocks are
+# sized so that the sums stay in cache while every member is added to them.
+STREAM_BLOCK_BYTES = 8 << 20
+
+
+def _block_rows(prepared: PreparedLibrary, clusters: int, d_out: int, d_in: int) -> int:
+    """Output rows merged together: the largest divisor of `d_out` whose running
+    sums fit `STREAM_BLOCK_BYTES` (DARE draws whole matrices: all rows)."""
+    if prepared.keys is not None:
+        return d_out
+    statistics = kmerge.num_sums(prepared.config)
+    fit = max(1, STREAM_BLOCK_BYTES // (4 * statistics * clusters * d_in))
+    return max(r for r in range(1, min(fit, d_out) + 1) if d_out % r == 0)
+
+
+def _merge_block(prepared, index, valid, position: int, module: str, layer, rows):
+    """``[C, R, d_in]`` merged rows ``rows = (start, R)`` of one layer's matrix: the
+    members are added one slot at a time to running `kernels.merge.member_sums`,
+    so no ``[C, S, ...]`` member array exists and the work stops at the last slot
+    in use."""
     config = prepared.config
     weights = prepared.weights[index]
+
+    def member(slot):
+        delta = _raw_deltas(prepared, index[:, slot], module, layer, rows)
+        return delta, _sparsify_members(prepared, index[:, slot], position, module, layer, delta)
+
+    def add(slot, stats):
+        members = member(slot)[1][:, None]
+        new = kmerge.member_sums(members, valid[:, slot, None], weights[:, slot, None], config)
+        return kmerge.add_sums(stats, new)
+
+    first, first_members = member(0)
+    stats = kmerge.member_sums(first_members[:, None], valid[:, :1], weights[:, :1], config)
+    used = jnp.max(jnp.sum(valid, axis=1))  # members come first in each row (member_plan)
+    stats = jax.lax.fori_loop(1, used, add, stats)
+    merged = (
+        kmerge.finish_sums(stats, config)
+        * kmerge.cluster_factor(valid, weights, config)[:, None, None]
+    )
+    if config.singletons == "keep":
+        merged = kmerge.keep_single_members({module: merged}, {module: first}, valid)[module]
+    return merged
+
+
+def _merge_matrix(prepared, index, valid, position: int, module: str, layer, rows: int):
+    """``[C, d_out, d_in]`` merged matrix of one module at `layer`, `rows` output
+    rows at a time."""
+    clusters, d_out = index.shape[0], prepared.factors[module]["B"].shape[-2]
+    d_in = prepared.factors[module]["A"].shape[-1]
+    blocks = jax.lax.map(
+        lambda start: _merge_block(prepared, index, valid, position, module, layer, (start, rows)),
+        jnp.arange(0, d_out, rows),
+    )  # [d_out / R, C, R, d_in]
+    return jnp.moveaxis(blocks, 0, 1).reshape(clusters, d_out, d_in)
+
+
+def _delta_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
+    """``{module: [C, L, d_out, d_in]}`` merged deltas, one layer and one block of
+    output rows at a time (`_merge_block`)."""
     out = {}
     for position, module in enumerate(sorted(prepared.factors)):
-
-        def layer_merge(layer, module=module, position=position):
-            delta = _raw_deltas(prepared, index, module, layer)
-            members = _sparsify_members(prepared, index, position, module, layer, delta)
-            merged = kmerge.combine_members({module: members}, valid, weights, config)
-            if config.singletons == "keep":
-                merged = kmerge.keep_single_members(merged, {module: delta[:, 0]}, valid)
-            return merged[module]
-
-        layers = prepared.factors[module]["A"].shape[1]
-        out[module] = jnp.moveaxis(jax.lax.map(layer_merge, jnp.arange(layers)), 0, 1)
+        _, layers, d_out, _ = prepared.factors[module]["B"].shape
+        d_in = prepared.factors[module]["A"].shape[-1]
+        merge = functools.partial(
+            _merge_matrix,
+            prepared,
+            index,
+            valid,
+            position,
+            module,
+            rows=_block_rows(prepared, index.shape[0], d_out, d_in),
+        )
+        out[module] = jnp.moveaxis(jax.lax.map(merge, jnp.arange(layers)), 0, 1)
     return out
 
 

@@ -464,40 +464,83 @@ def member_index(membership: jax.Array) -> tuple[jax.Array, jax.Array]:
     return index, jnp.take_along_axis(is_member, index, axis=1)
 
 
+def member_sums(
+    x: jax.Array, valid: jax.Array, weights: jax.Array, config: MergeConfig
+) -> dict[str, jax.Array]:
+    """Sums over the member axis that determine the combine: ``x [C, S, ...]`` ->
+    ``{statistic: [C, ...]}``.
+
+    They add up over any split of the members (`add_sums`), so a caller may
+    stream a large cluster's members a few at a time and `finish_sums` once.
+    Weighted sums keep ``"sum"`` (``sum_n w_n x_n``). TIES keeps the weighted sums of
+    the positive and negative votes (``"pos"``, ``"neg"``), the total vote
+    (``"vote"``, majority "total"), the agreeing counts (``"pos_n"``, ``"neg_n"``:
+    majority "frequency" or divisor "count") and the agreeing weights (``"pos_w"``,
+    ``"neg_w"``: divisor "weight").
+
+    Args:
+      x: ``[C, S, ...]`` prepared tensors of the members.
+      valid: ``[C, S]`` member slots in use.
+      weights: ``[C, S]`` the members' weights.
+      config: the merge (static).
+    """
+    valid = valid.astype(bool)
+    member_weights = jnp.where(valid, weights, 0.0)
+
+    def expand(v):  # [C, S] -> broadcastable against x [C, S, ...]
+        return v.reshape(v.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
+
+    w = expand(member_weights)
+    if not config.is_ties:
+        return {"sum": jnp.sum(w * x, axis=1)}
+    weighted_vote = config.sign_vote == "weighted"
+    signed = x * (jnp.sign(w) if weighted_vote else expand(valid))  # 0 on padding
+    pos, neg = (signed > 0).astype(x.dtype), (signed < 0).astype(x.dtype)
+    stats = {"pos": jnp.sum(w * x * pos, axis=1), "neg": jnp.sum(w * x * neg, axis=1)}
+    if config.majority == "total":
+        stats["vote"] = jnp.sum((w if weighted_vote else expand(valid)) * x, axis=1)
+    if config.majority == "frequency" or config.divisor == "count":
+        stats["pos_n"], stats["neg_n"] = jnp.sum(pos, axis=1), jnp.sum(neg, axis=1)
+    if config.divisor == "weight":
+        stats["pos_w"], stats["neg_w"] = jnp.sum(w * pos, axis=1), jnp.sum(w * neg, axis=1)
+    return stats
+
+
+def num_sums(config: MergeConfig) -> int:
+    """How many statistics `member_sums` keeps under `config`."""
+    one = jnp.ones((1, 1))
+    return len(jax.eval_shape(functools.partial(member_sums, config=config), one, one, one))
+
+
+def add_sums(a: dict[str, jax.Array], b: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`member_sums` of the union of two disjoint member sets."""
+    return {name: a[name] + b[name] for name in a}
+
+
+def finish_sums(stats: dict[str, jax.Array], config: MergeConfig) -> jax.Array:
+    """The combined tensor ``[C, ...]`` from `member_sums` (before the per-cluster
+    factor): the weighted sum, or TIES's disjoint mean over the members agreeing
+    with the elected sign (positive where the vote is >= 0)."""
+    if not config.is_ties:
+        return stats["sum"]
+    vote = stats["vote"] if config.majority == "total" else stats["pos_n"] - stats["neg_n"]
+    up = vote >= 0
+    merged = jnp.where(up, stats["pos"], stats["neg"])
+    if config.divisor == "count":
+        merged = merged / jnp.maximum(jnp.where(up, stats["pos_n"], stats["neg_n"]), 1.0)
+    elif config.divisor == "weight":
+        total = jnp.where(up, stats["pos_w"], stats["neg_w"])
+        merged = merged / jnp.where(total == 0, 1.0, total)
+    return merged
+
+
 def _combine_members(tree: Tree, valid: jax.Array, weights: jax.Array, config: MergeConfig):
     """``{leaf: [C, S, ...]} -> {leaf: [C, ...]}``: weighted sum or TIES disjoint mean
     over each row's valid members (``valid [C, S]``, member weights ``[C, S]``).
 
     Per-cluster factors (lambda / D_c) are applied by the callers.
     """
-    valid = valid.astype(bool)
-    member_weights = jnp.where(valid, weights, 0.0)
-
-    def expand(v, x):  # [C, S] -> broadcastable against x [C, S, ...]
-        return v.reshape(v.shape + (1,) * (x.ndim - 2)).astype(x.dtype)
-
-    def weighted_sum(x):
-        return jnp.sum(expand(member_weights, x) * x, axis=1)
-
-    def ties(x):
-        w, ok = expand(member_weights, x), expand(valid, x)
-        vote_sign = jnp.sign(w) if config.sign_vote == "weighted" else ok
-        signed = x * vote_sign  # sign(signed) == sign(vote value); 0 on padding
-        pos, neg = (signed > 0).astype(x.dtype), (signed < 0).astype(x.dtype)
-        if config.majority == "total":
-            vote = jnp.sum((w if config.sign_vote == "weighted" else ok) * x, axis=1)
-        else:
-            vote = jnp.sum(pos - neg, axis=1)
-        agree = jnp.where((vote >= 0)[:, None], pos, neg)  # [C, S, ...]
-        merged = jnp.sum(w * x * agree, axis=1)
-        if config.divisor == "count":
-            merged = merged / jnp.maximum(jnp.sum(agree, axis=1), 1.0)
-        elif config.divisor == "weight":
-            total = jnp.sum(w * agree, axis=1)
-            merged = merged / jnp.where(total == 0, 1.0, total)
-        return merged
-
-    return jax.tree.map(ties if config.is_ties else weighted_sum, tree)
+    return jax.tree.map(lambda x: finish_sums(member_sums(x, valid, weights, config), config), tree)
 
 
 def cluster_factor(valid: jax.Array, weights: jax.Array, config: MergeConfig) -> jax.Array:

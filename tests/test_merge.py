@@ -387,3 +387,40 @@ def test_factor_global_trim_runs_over_all_modules_separately_for_a_and_b():
         )
         total = sum(factors[m][side][0].size for m in factors)
         assert np.all(kept == int(0.3 * total))
+
+
+SUM_CONFIGS = [
+    MergeConfig("ties", density=0.5),
+    MergeConfig("ties", density=0.5, majority="frequency"),
+    MergeConfig("ties", density=0.5, sign_vote="weighted", divisor="weight"),
+    MergeConfig("ties", density=0.5, sign_vote="weighted", divisor="none", majority="frequency"),
+    MergeConfig("linear"),
+    MergeConfig("task_arithmetic"),
+]
+
+
+@pytest.mark.parametrize(
+    "config", SUM_CONFIGS, ids=lambda c: f"{c.method}-{c.majority}-{c.divisor}"
+)
+@pytest.mark.parametrize("split", [1, 2, 4])
+def test_member_sums_of_a_split_add_up_to_the_whole(config, split):
+    """Streaming members a few at a time (`add_sums`) merges like taking them all at
+    once; padding slots and negative weights included."""
+    rng = np.random.default_rng(split)
+    x = jnp.asarray(rng.standard_normal((3, 5, 4, 6)) * (rng.random((3, 5, 4, 6)) > 0.3))
+    valid = jnp.asarray(rng.random((3, 5)) > 0.25)
+    weights = jnp.asarray(rng.uniform(-0.5, 2.0, (3, 5)), jnp.float32)
+    whole = km.member_sums(x, valid, weights, config)
+    assert len(whole) == km.num_sums(config)
+    streamed = km.member_sums(x[:, :split], valid[:, :split], weights[:, :split], config)
+    for start in range(split, 5, split):
+        part = slice(start, start + split)
+        streamed = km.add_sums(
+            streamed, km.member_sums(x[:, part], valid[:, part], weights[:, part], config)
+        )
+    np.testing.assert_allclose(
+        km.finish_sums(streamed, config), km.finish_sums(whole, config), rtol=1e-5, atol=1e-6
+    )
+    expected = km.combine_members({"m": x}, valid, weights, config)["m"]
+    factor = km.cluster_factor(valid, weights, config)[:, None, None]
+    np.testing.assert_allclose(km.finish_sums(whole, config) * factor, expected, rtol=1e-6)

@@ -424,3 +424,28 @@ def test_rows_of_different_sizes_merge_in_groups_in_row_order(monkeypatch):
             np.testing.assert_allclose(
                 together[m]["delta"][c], alone[m]["delta"][0], rtol=1e-6, atol=1e-6
             )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TIES_CONFIGS[0],
+        TIES_CONFIGS[2],
+        MergeConfig("dare_ties", density=0.5),
+        MergeConfig("linear"),
+    ],
+    ids=lambda c: f"{c.method}-{c.majority}",
+)
+def test_merging_blocks_of_rows_equals_whole_matrices(config, monkeypatch):
+    """Running sums kept for a few output rows at a time (`STREAM_BLOCK_BYTES`)
+    change nothing but the order of work."""
+    params, scale = random_library(3)
+    membership = np.array([[1, 1, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], np.float32)
+    prepared = merging.prepare(params, scale, config, names=NAMES)
+    whole = merging.merged_deltas(prepared, membership)
+    monkeypatch.setattr(merging, "STREAM_BLOCK_BYTES", 1)
+    merging._merged_deltas_jit.clear_cache()  # traced under the old block size
+    assert merging._block_rows(prepared, 3, 8, D_IN) == (8 if config.method == "dare_ties" else 1)
+    blocked = merging.merged_deltas(prepared, membership)
+    for m in D_OUT:
+        np.testing.assert_allclose(blocked[m]["delta"], whole[m]["delta"], rtol=1e-6, atol=1e-6)
