@@ -6,7 +6,9 @@ v_proj 192x576, rank 8, N=40), same merges, same process. Scenarios:
 - clustering: K=5 clusters of 8 adapters (a 12.5% storage budget), merged all at
   once by one call (ours) vs one ``add_weighted_adapter`` per cluster (PEFT),
   in factor space (PEFT's semantics) and, without --quick, in delta space
-  against PEFT's ``ties_svd``.
+  against PEFT's ``ties_svd``, truncated back to rank r exactly and by the
+  randomized range finder (``max_relative_error_vs_peft`` is then the truncation's
+  error against PEFT's exact SVD).
 - candidates: the N*(K-1) = 160 destination candidates one D2C iteration scores
   (a cluster plus one adapter moved in), ours in one call.
 
@@ -145,7 +147,7 @@ def membership_of(clusters, n):
     return mask
 
 
-def bench_ours(params, scale, names, clusters, config, repeat):
+def bench_ours(params, scale, names, clusters, config, repeat, truncation="exact"):
     """Seconds of merging all clusters at once: end to end and by stage.
 
     ``combine`` gives deployable rank-r adapters (in delta space: including the
@@ -157,7 +159,7 @@ def bench_ours(params, scale, names, clusters, config, repeat):
     membership = jnp.asarray(membership_of(clusters, len(names)))
 
     def full():
-        out = merging.merge(params, scale, membership, config, names=names)
+        out = merging.merge(params, scale, membership, config, names=names, truncation=truncation)
         return jax.block_until_ready(out.params)
 
     timings = {"end_to_end": time_calls(full, repeat=repeat)}
@@ -167,9 +169,11 @@ def bench_ours(params, scale, names, clusters, config, repeat):
         warmup=0,
     )
     prepared = merging.prepare(params, scale, config, names=names)
-    merged = merging.merged_factors(prepared, membership)
+    merged = merging.merged_factors(prepared, membership, truncation=truncation)
     timings["combine"] = time_calls(
-        lambda: jax.block_until_ready(merging.merged_factors(prepared, membership).params),
+        lambda: jax.block_until_ready(
+            merging.merged_factors(prepared, membership, truncation=truncation).params
+        ),
         repeat=repeat,
         warmup=0,
     )
@@ -194,6 +198,7 @@ def run_case(
     repeat,
     peft_repeat,
     check=True,
+    truncation="exact",
 ):
     """Time ours on all `clusters` and PEFT on `peft_clusters` (their first ones).
 
@@ -206,7 +211,7 @@ def run_case(
     ours_bytes = sum(len(c) for c in clusters) * one
     peft_bytes = sum(len(c) for c in peft_clusters) * one
     library_bytes = len(names) * one  # prepare runs once per adapter
-    timings, merged = bench_ours(params, scale, names, clusters, config, repeat)
+    timings, merged = bench_ours(params, scale, names, clusters, config, repeat, truncation)
     error = 0.0 if check else None
     peft_runs: dict[int, list[float]] = {}
     for threads in PEFT_THREADS:
@@ -225,6 +230,7 @@ def run_case(
         "method": config.method,
         "peft_combination_type": combination,
         "config": config.to_dict(),
+        "truncation": truncation if config.space == "delta" else None,
         "clusters": len(clusters),
         "peft_clusters": len(peft_clusters),
         "max_relative_error_vs_peft": error,
@@ -337,10 +343,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.quick:  # delta space (dense dW, TIES, rank-r truncation) vs PEFT's ties_svd
         config = MergeConfig("ties", space="delta", density=0.2)
-        label = f"delta ties+truncation K={k}"
-        results[label] = run_case(
-            label, config, "ties_svd", jparams, jscale, names, model, clusters, clusters[:2], 1, 1
-        )
+        for truncation in merging.TRUNCATIONS:
+            label = f"delta ties+{truncation} truncation K={k}"
+            results[label] = run_case(
+                label,
+                config,
+                "ties_svd",
+                jparams,
+                jscale,
+                names,
+                model,
+                clusters,
+                clusters[:2],
+                3,
+                1,
+                truncation=truncation,
+            )
 
     # measured again at the end; on a shared machine the better of the two is the
     # closer estimate of what the hardware can do

@@ -436,10 +436,20 @@ def _as_deltas(prepared: PreparedLibrary, combined) -> dict[str, dict[str, jax.A
     return {m: {"delta": lowrank.factors_to_delta(f["A"], f["B"])} for m, f in combined.items()}
 
 
-def _as_factors(prepared: PreparedLibrary, combined) -> LoraParams:
+# How merged deltas are truncated back to rank r: "exact" (the top-r singular
+# subspace from a Gram eigendecomposition) or "randomized" (a randomized range
+# finder with power iterations; `kernels.lowrank.randomized_delta_to_factors`).
+TRUNCATIONS = {
+    "exact": lowrank.delta_to_factors,
+    "randomized": lowrank.randomized_delta_to_factors,
+}
+
+
+def _as_factors(prepared: PreparedLibrary, combined, truncation: str) -> LoraParams:
     if prepared.config.space == "factor":
         return combined
-    factors = {m: lowrank.delta_to_factors(d, prepared.rank) for m, d in combined.items()}
+    truncate = TRUNCATIONS[truncation]
+    factors = {m: truncate(d, prepared.rank) for m, d in combined.items()}
     return {m: {"A": a, "B": b} for m, (a, b) in factors.items()}
 
 
@@ -448,11 +458,11 @@ def _merged_deltas_jit(prepared: PreparedLibrary, index: jax.Array, valid: jax.A
     return _as_deltas(prepared, _combine(prepared, index, valid))
 
 
-@jax.jit(static_argnames="with_delta")
-def _merged_factors_jit(prepared: PreparedLibrary, index, valid, with_delta: bool):
+@jax.jit(static_argnames=("with_delta", "truncation"))
+def _merged_factors_jit(prepared: PreparedLibrary, index, valid, with_delta: bool, truncation: str):
     combined = _combine(prepared, index, valid)
     delta = _as_deltas(prepared, combined) if with_delta else None
-    return _as_factors(prepared, combined), delta
+    return _as_factors(prepared, combined, truncation), delta
 
 
 def _grouped(prepared: PreparedLibrary, membership, place, rows_multiple, run):
@@ -512,16 +522,20 @@ def merged_factors(
     return_delta: bool = False,
     place: Callable | None = None,
     rows_multiple: int = 1,
+    truncation: str = "exact",
 ) -> MergedAdapters:
-    """C merged rank-r adapters for the ``[C, N]`` mask (delta space: truncated SVD);
-    arguments as `merged_deltas`."""
+    """C merged rank-r adapters for the ``[C, N]`` mask (delta space: truncated by
+    `truncation`, a key of `TRUNCATIONS`); other arguments as `merged_deltas`."""
+    _check_truncation(truncation)
     kernel_prepared = _for_kernels(prepared)
     params, delta = _grouped(
         prepared,
         membership,
         place,
         rows_multiple,
-        lambda index, valid: _merged_factors_jit(kernel_prepared, index, valid, return_delta),
+        lambda index, valid: _merged_factors_jit(
+            kernel_prepared, index, valid, return_delta, truncation
+        ),
     )
     rows = np.shape(membership)[0]
     return MergedAdapters(params=params, scale=jnp.ones((rows,), jnp.float32), delta=delta)
@@ -535,6 +549,7 @@ def merge(
     *,
     names: Sequence[str],
     return_delta: bool = False,
+    truncation: str = "exact",
 ) -> MergedAdapters:
     """Merge the members of each row of `membership` into one rank-r adapter.
 
@@ -545,6 +560,13 @@ def merge(
       config: the merge.
       names: the N adapter names (seed DARE's masks).
       return_delta: also return the untruncated dense deltas.
+      truncation: delta space: how merged deltas return to rank r (`TRUNCATIONS`).
     """
+    _check_truncation(truncation)
     prepared = prepare(params, scale, config, names=names)
-    return merged_factors(prepared, membership, return_delta=return_delta)
+    return merged_factors(prepared, membership, return_delta=return_delta, truncation=truncation)
+
+
+def _check_truncation(truncation: str) -> None:
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation must be one of {sorted(TRUNCATIONS)}, got {truncation!r}")

@@ -21,6 +21,11 @@ This module converts between the two forms, batched over any leading axes
   the computed top-r singular subspace, so the Gram's squared condition number
   only affects that subspace when singular values r and r+1 nearly coincide (in
   which case the best rank-r approximation is itself nearly ambiguous).
+- ``randomized_delta_to_factors(delta, rank)``: the same factors from a randomized
+  range finder with power iterations (matmuls, thin QRs and a small
+  eigendecomposition): an order of magnitude cheaper than the Gram
+  eigendecomposition for d = 576 and rank 8, at a residual within about 1% of the
+  exact truncation's.
 
 Pure functions of arrays: jittable and vmappable, no I/O.
 """
@@ -75,6 +80,16 @@ def delta_to_factors(delta: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]
       approximation of `delta` (scale 1). Directions with a zero singular value
       get zero factors.
     """
+    d_out, d_in = _check_rank(delta, rank)
+    tall = d_out > d_in
+    m = jnp.swapaxes(delta, -1, -2) if tall else delta  # [..., p, q] with p <= q
+    eigenvalues, eigenvectors = jnp.linalg.eigh(m @ jnp.swapaxes(m, -1, -2))  # ascending
+    u = eigenvectors[..., ::-1][..., :rank]  # [..., p, r] top-r left singular vectors of m
+    s = jnp.sqrt(jnp.maximum(eigenvalues[..., ::-1][..., :rank], 0.0))  # [..., r]
+    return _split_factors(u, s, m, tall)
+
+
+def _check_rank(delta: jax.Array, rank: int) -> tuple[int, int]:
     if delta.ndim < 2:
         raise ValueError(f"delta must be at least 2-D [..., d_out, d_in], got {delta.shape}")
     d_out, d_in = delta.shape[-2:]
@@ -82,11 +97,13 @@ def delta_to_factors(delta: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]
         raise ValueError(
             f"rank must be in [1, {min(d_out, d_in)}] for delta {delta.shape}, got {rank}"
         )
-    tall = d_out > d_in
-    m = jnp.swapaxes(delta, -1, -2) if tall else delta  # [..., p, q] with p <= q
-    eigenvalues, eigenvectors = jnp.linalg.eigh(m @ jnp.swapaxes(m, -1, -2))  # ascending
-    u = eigenvectors[..., ::-1][..., :rank]  # [..., p, r] top-r left singular vectors of m
-    s = jnp.sqrt(jnp.maximum(eigenvalues[..., ::-1][..., :rank], 0.0))  # [..., r]
+    return d_out, d_in
+
+
+def _split_factors(u: jax.Array, s: jax.Array, m: jax.Array, tall: bool):
+    """``(A, B)`` of ``delta`` from orthonormal ``u [..., p, r]`` spanning the kept left
+    singular subspace of the wide ``m [..., p, q]`` (``delta`` or its transpose) and
+    the singular values ``s [..., r]``: ``B @ A`` is the projection of ``delta`` onto it."""
     root = jnp.sqrt(s)
     inverse_root = jnp.where(s > 0, 1.0 / jnp.where(s > 0, root, 1.0), 0.0)
     left = u * root[..., None, :]  # [..., p, r] = U_r sqrt(S_r)
@@ -96,6 +113,39 @@ def delta_to_factors(delta: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]
     if tall:  # delta = m.T = right.T @ left.T
         return jnp.swapaxes(left, -1, -2), jnp.swapaxes(right, -1, -2)
     return right, left
+
+
+def randomized_delta_to_factors(
+    delta: jax.Array, rank: int, *, power_iterations: int = 2, oversample: int = 8
+) -> tuple[jax.Array, jax.Array]:
+    """`delta_to_factors` by a randomized range finder (Halko, Martinsson and Tropp
+    2011, algorithms 4.4 and 5.1): only matmuls with ``[q, r + oversample]`` panels,
+    thin QRs and one small eigendecomposition per matrix, batched over the leading axes.
+
+    The test matrix is drawn once from a fixed key (the result is deterministic).
+    Each power iteration sharpens the subspace where singular values decay slowly,
+    as they do after a TIES merge: with the defaults the residual
+    ``||delta - B @ A||_F`` is typically within 1% of the exact truncation's
+    (tests/test_lowrank.py bounds it).
+
+    Args and returns: as `delta_to_factors`; ``B @ A`` is the projection of `delta`
+    onto the found rank-r subspace, so it is never worse than ``delta`` itself.
+    """
+    d_out, d_in = _check_rank(delta, rank)
+    tall = d_out > d_in
+    m = jnp.swapaxes(delta, -1, -2) if tall else delta  # [..., p, q] with p <= q
+    p, q = m.shape[-2:]
+    panel = min(rank + oversample, p)
+    omega = jax.random.normal(jax.random.key(0), (q, panel), m.dtype)
+    mt = jnp.swapaxes(m, -1, -2)
+    basis = jnp.linalg.qr(m @ omega)[0]  # [..., p, k]
+    for _ in range(power_iterations):
+        basis = jnp.linalg.qr(m @ jnp.linalg.qr(mt @ basis)[0])[0]
+    small = jnp.swapaxes(basis, -1, -2) @ m  # [..., k, q]
+    eigenvalues, eigenvectors = jnp.linalg.eigh(small @ jnp.swapaxes(small, -1, -2))
+    u = basis @ eigenvectors[..., ::-1][..., :rank]
+    s = jnp.sqrt(jnp.maximum(eigenvalues[..., ::-1][..., :rank], 0.0))
+    return _split_factors(u, s, m, tall)
 
 
 def factor_cosine(a1: jax.Array, b1: jax.Array, a2: jax.Array, b2: jax.Array) -> jax.Array:

@@ -106,6 +106,41 @@ def test_merged_adapter_loads_in_peft_with_the_engine_delta(library, tmp_path, f
         np.testing.assert_allclose(loaded[m], deployed, rtol=1e-5, atol=1e-6)
 
 
+def test_randomized_truncation_writes_a_near_best_rank_r_adapter(library, tmp_path):
+    """--truncation randomized: PEFT loads a rank-r adapter whose residual against the
+    untruncated merge is within 1% of the exact truncation's (NumPy SVD)."""
+    flags = ["--method", "ties", "--space", "delta", "--density", "0.5"]
+    out = tmp_path / "randomized"
+    assert (
+        main(
+            [
+                "merge",
+                "--adapters",
+                str(library),
+                "--out",
+                str(out),
+                *flags,
+                "--truncation",
+                "randomized",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "d2c_jax.json").read_text())["truncation"] == "randomized"
+    lib = AdapterLibrary.load(library)
+    config = MergeConfig("ties", space="delta", density=0.5)
+    full = merge(
+        lib.params, lib.scale, jnp.ones((1, 3)), config, names=lib.names, return_delta=True
+    )
+    loaded = peft_deltas(out)
+    for m in TARGETS:
+        delta = np.asarray(full.delta[m]["delta"][0], np.float64)
+        s = np.linalg.svd(delta, compute_uv=False)
+        best = np.sqrt(np.sum(s[:, 4:] ** 2, axis=-1))
+        residual = np.linalg.norm(delta - loaded[m], axis=(-2, -1))
+        assert np.all(residual <= best * 1.01 + 1e-6) and np.all(residual >= best * (1 - 1e-4))
+
+
 def test_adapter_dirs_and_library_dir_give_the_same_adapter(library, tmp_path):
     flags = ["--method", "linear", "--space", "factor"]
     dirs = [str(library / name) for name in ("de", "fr", "it")]

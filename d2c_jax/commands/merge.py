@@ -40,6 +40,14 @@ def add_parser(subparsers) -> None:
         help="dtype of the written factors (default: %(default)s)",
     )
     parser.add_argument(
+        "--truncation",
+        choices=("exact", "randomized"),
+        default="exact",
+        help="--space delta: how the merged delta returns to rank r: exact (top-r singular "
+        "subspace) or randomized (range finder with power iterations: much faster, residual "
+        "typically within 1%% of exact) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--force",
         action="store_true",
         help="replace OUT if it is a previous `d2c merge` output (anything else is refused)",
@@ -68,10 +76,18 @@ def run(args: argparse.Namespace) -> int:
             f"--space factor needs adapters of one rank (PEFT refuses otherwise), got ranks "
             f"{dict(zip(library.names, library.ranks, strict=True))}; use --space delta"
         )
-    merged = merge(library.params, library.scale, jnp.ones((1, n)), config, names=library.names)
+    merged = merge(
+        library.params,
+        library.scale,
+        jnp.ones((1, n)),
+        config,
+        names=library.names,
+        truncation=args.truncation,
+    )
     one = {m: {f: x[0] for f, x in factors.items()} for m, factors in merged.params.items()}
     record = {
         "merge": config.to_dict(),
+        "truncation": args.truncation if config.space == "delta" else None,
         "sources": list(library.names),
         "source_ranks": list(library.ranks),
         "source_scales": [float(s) for s in library.scale],
