@@ -23,7 +23,9 @@ call (so compilation is excluded; the warm-up time is reported too):
   recomputes their deltas from the factors layer by layer and trims them by the
   stored thresholds. Truncating the K merged adapters back to rank 8 costs K times
   ``truncate_seconds_per_adapter`` (60 eigendecompositions of 576-wide Gram matrices,
-  measured once in the roofline child) and is reported as ``truncate_seconds_estimate``.
+  measured once in the roofline child) and is reported as ``truncate_seconds_estimate``
+  (``randomized_truncate_seconds_estimate``: the randomized range finder,
+  `kernels.lowrank.randomized_delta_to_factors`).
 * ``merge_set``: one call merging ``MERGE_CHUNK`` member sets of ``SET_SIZE`` seeded
   random adapters each; ``seconds_per_set`` should not grow with N (a merge costs
   what its cluster costs).
@@ -178,12 +180,18 @@ def chunked_merge(prepared, membership) -> None:
 
 
 @functools.cache
-def truncate_fn():
+def truncate_fn(truncation: str = "exact"):
     import jax
 
-    from kernels import lowrank
+    from d2c_jax import merging
 
-    return jax.jit(lambda delta: lowrank.delta_to_factors(delta, RANK))
+    return jax.jit(lambda delta: merging.TRUNCATIONS[truncation](delta, RANK))
+
+
+def truncate_all(deltas: dict, truncation: str):
+    """Rank-r factors of every ``[L, d_out, d_in]`` merged delta in `deltas`."""
+    fn = truncate_fn(truncation)
+    return block({m: fn(d) for m, d in deltas.items()})
 
 
 # ---------------------------------------------------------------------- one size
@@ -286,7 +294,7 @@ def parameter_stages(library, k: int, sampler: RssSampler, repeat: int) -> dict:
     return out
 
 
-def bench_size(n: int, max_sets: int, repeat: int) -> dict:
+def bench_size(n: int, max_sets: int, repeat: int, real_visits: int = 0) -> dict:
     """All stages for a library of `n` adapters (run in a fresh process)."""
     sampler = RssSampler()
     k = max(2, round(n / 8))
@@ -301,6 +309,10 @@ def bench_size(n: int, max_sets: int, repeat: int) -> dict:
     )
     out.update(loads)
     out.update(parameter_stages(library, k, sampler, repeat))
+    if real_visits:
+        with sampler.stage("d2c_visits_real_model"):
+            out["d2c_visits_real_model"] = real_model_visits(library, k, real_visits)
+        out["d2c_visits_real_model"].update(sampler.stages["d2c_visits_real_model"])
     del library  # free the big library before the tiny-model stage
     with sampler.stage("d2c_scoring"):
         out["d2c_scoring"] = d2c_iteration(n, k, max_sets)
@@ -308,7 +320,22 @@ def bench_size(n: int, max_sets: int, repeat: int) -> dict:
     out["process_peak_rss_gb"] = round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3
     )
+    out.update(device_record())
     return out
+
+
+def device_record() -> dict:
+    """The device JAX computed on, and its peak memory where the backend reports it
+    (accelerators; the CPU backend reports none: see the RSS figures)."""
+    import jax
+
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {
+        "device": {"platform": device.platform, "kind": device.device_kind},
+        "device_peak_memory_gb": None if peak is None else round(peak / 2**30, 3),
+    }
 
 
 def d2c_iteration(n: int, k: int, max_sets: int) -> dict:
@@ -361,6 +388,79 @@ def d2c_iteration(n: int, k: int, max_sets: int) -> dict:
         "seconds_per_set": round(per_set, 6),
         "seconds": round(per_set * total_sets, 2),
         "sets_per_second": round(1 / per_set, 1),
+    }
+
+
+def real_model_visits(library, k: int, visits: int) -> dict:
+    """Sweep visits of D2C's default (``destinations`` = 1) with the embedded
+    SmolLM2-135M and 10 real dev examples per task.
+
+    Adapter j of the synthetic library stands for suite task ``j mod 40``; the
+    clusters are a seeded balanced partition (N / K members each: K-Means on
+    unstructured random adapters puts most of them in one cluster, which no real
+    library does). Each visit scores the mover's source set and one destination set
+    (a seeded random one: the cost does not depend on which). The iteration's time is
+    extrapolated to N visits plus the K current clusters. The proxy that picks the
+    destination in the engine, every task's loss under every current merge
+    (`CachedObjective.cross_losses`), costs K x N task evaluations per sweep: reported
+    from the measured seconds per task evaluation.
+    """
+    from d2c_jax.cluster import membership_mask
+    from d2c_jax.cluster.d2c import CachedObjective
+    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
+    from d2c_jax.merging import DEFAULT_MERGE
+    from d2c_jax.models import load_base
+    from d2c_jax.tasks import list_tasks, load_split
+
+    try:
+        base = load_base("default")
+    except (FileNotFoundError, ImportError, ValueError) as err:
+        return {"skipped": f"embedded model unavailable: {err}"}
+    tasks = list_tasks()
+    n = library.num_adapters
+    examples = {
+        name: load_split(None, tasks[j % len(tasks)], "dev")[:10]
+        for j, name in enumerate(library.names)
+    }
+    objective = DevObjective(
+        base, library, examples, DEFAULT_MERGE, ObjectiveConfig(candidates_per_call=2)
+    )
+    rng = np.random.default_rng(n)
+    assign = rng.permutation(np.arange(n) % k)
+    current = membership_mask(assign, k)
+    movable = np.flatnonzero(current.sum(1)[assign] > 1)
+    movers = rng.choice(movable, size=min(visits + 1, len(movable)), replace=False)
+
+    def visit_sets(i):  # the mover's source set and one destination set
+        source, dest = (
+            current[assign[i]].copy(),
+            current[rng.choice(np.delete(np.arange(k), assign[i]))].copy(),
+        )
+        source[i], dest[i] = False, True
+        return np.stack([source, dest])
+
+    cached = CachedObjective(objective)
+    cached.cluster_losses(visit_sets(movers[0]))  # compiles the visit's shapes
+    sets = [visit_sets(i) for i in movers[1:]]
+    start = time.perf_counter()
+    for pair in sets:
+        cached.cluster_losses(pair)
+    seconds = time.perf_counter() - start
+    task_evaluations = int(sum(pair.sum() for pair in sets))
+    per_task = seconds / task_evaluations
+    per_visit = seconds / len(sets)
+    return {
+        "model": base.name,
+        "examples_per_task": 10,
+        "visits_timed": len(sets),
+        "task_evaluations": task_evaluations,
+        "seconds_measured": round(seconds, 2),
+        "seconds_per_visit": round(per_visit, 2),
+        "seconds_per_task_evaluation": round(per_task, 3),
+        # N visits, plus the K current clusters (N task evaluations) at the start
+        "iteration_seconds_estimate": round(n * per_visit + n * per_task, 1),
+        "proxy_task_evaluations": n * k,
+        "proxy_seconds_estimate": round(n * k * per_task, 1),
     }
 
 
@@ -423,8 +523,10 @@ def scoring_roofline(repeat: int) -> dict:
     square = jnp.asarray(rng.standard_normal((2048, 2048)), jnp.float32)
     xla_gemm = time_calls(lambda: block(square @ square), repeat=5, warmup=1)
     one = {m: d["delta"][0] for m, d in deltas.items()}  # one merged adapter [L, o, i]
-    truncate = truncate_fn()
-    truncation = time_calls(lambda: block({m: truncate(d) for m, d in one.items()}), repeat=repeat)
+    truncation = {
+        kind: time_calls(functools.partial(truncate_all, one, kind), repeat=repeat)
+        for kind in ("exact", "randomized")
+    }
     computed = stats["computed_tokens"] // candidates
     label_positions = stats["computed_label_positions"] // candidates
     trunk = (
@@ -463,8 +565,10 @@ def scoring_roofline(repeat: int) -> dict:
         },
         "seconds_per_call": round(timing["min"], 3),
         "gflops_per_second": round(candidates * flops / timing["min"] / 1e9, 1),
-        "truncate_seconds_per_adapter": round(truncation["min"], 3),
+        "truncate_seconds_per_adapter": round(truncation["exact"]["min"], 3),
+        "randomized_truncate_seconds_per_adapter": round(truncation["randomized"]["min"], 4),
         "xla_matmul_peak_gflops": round(2 * 2048**3 / xla_gemm["min"] / 1e9, 1),
+        **device_record(),
     }
 
 
@@ -547,11 +651,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--max-sets", type=int, default=3000, help="see d2c_scoring")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="result name under benchmarks/results/ (default: bench_scale[_quick])",
+    )
+    parser.add_argument(
+        "--real-visits",
+        type=int,
+        default=8,
+        help="D2C sweep visits timed with the embedded SmolLM2 at the largest N (0: none)",
+    )
     parser.add_argument("--child-size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-roofline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_size is not None:
-        print(json.dumps(bench_size(args.child_size, args.max_sets, args.repeat)))
+        print(json.dumps(bench_size(args.child_size, args.max_sets, args.repeat, args.real_visits)))
         return 0
     if args.child_roofline:
         print(json.dumps(scoring_roofline(args.repeat)))
@@ -572,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
                     str(args.max_sets),
                     "--repeat",
                     str(args.repeat),
+                    "--real-visits",
+                    str(args.real_visits if n == max(sizes) else 0),
                 ]
             )
         )
@@ -585,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in r and "error" not in roofline:
             r["merge_delta"]["truncate_seconds_estimate"] = round(
                 r["k"] * roofline["truncate_seconds_per_adapter"], 2
+            )
+            r["merge_delta"]["randomized_truncate_seconds_estimate"] = round(
+                r["k"] * roofline["randomized_truncate_seconds_per_adapter"], 2
             )
     if "error" not in roofline:
         roofline["fraction_of_matmul_peak"] = round(roofline["gflops_per_second"] / peak, 3)
@@ -602,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
             "gb_per_second": round(rate, 2),
             "fraction_of_copy_bandwidth": round(rate / bandwidth["gb_per_s"], 3),
         }
-    name = "bench_scale_quick" if args.quick else "bench_scale"
+    name = args.out or ("bench_scale_quick" if args.quick else "bench_scale")
     payload = {
         "quick": args.quick,
         "load_average_before": load_before,
