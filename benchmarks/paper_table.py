@@ -111,6 +111,14 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "task_loss": "likelihood",
         "destinations": 1,
     },
+    "d2c_best_likelihood_sweep_m1_similarity": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+        "destinations": 1,
+        "destination_proxy": "similarity",
+    },
     "d2c_best_nll_sweep_m1": {
         "init": "best",
         "mode": "sweep",
@@ -152,6 +160,12 @@ def search_config(method: str) -> dict[str, Any]:
         "max_iters": search.max_iters,
         "task_loss": search.task_loss,
         "destinations": search.sweep_destinations,
+        # only when it is not the default, so that earlier cells keep their identity
+        **(
+            {"destination_proxy": search.destination_proxy}
+            if search.destination_proxy != "loss"
+            else {}
+        ),
     }
 
 
@@ -262,6 +276,8 @@ class Sweep:
             settings["task_loss"] = search.task_loss
         if search.sweep_destinations:
             settings["destinations"] = search.sweep_destinations
+        if search.destination_proxy != "loss":
+            settings["destination_proxy"] = search.destination_proxy
         return settings
 
     def cell_path(self, method: str, budget: str, seed: int) -> Path:

@@ -420,3 +420,81 @@ def test_destinations_settings_are_checked():
         D2CClustering(mode="best", destinations=2)
     with pytest.raises(ValueError, match=">= 0"):
         D2CClustering(mode="sweep", destinations=-1)
+
+
+def dense_deltas(library) -> np.ndarray:
+    """``[N, D]`` every adapter's flattened dense ``scale * B @ A`` (plain NumPy)."""
+    scale = np.asarray(library.scale, np.float64)
+    parts = [
+        (np.asarray(f["B"], np.float64) @ np.asarray(f["A"], np.float64)).reshape(len(scale), -1)
+        for _, f in sorted(library.params.items())
+    ]
+    return scale[:, None] * np.concatenate(parts, axis=1)
+
+
+def test_similarity_ranking_is_the_cosine_with_the_other_members_sum():
+    from d2c_jax.cluster.parameter import library_delta_gram
+
+    library = planted_library(groups=(0, 1, 2, 0, 1, 2, 0, 1), seed=3, noise=0.5)
+    assign = np.array([0, 0, 1, 1, 2, 2, 2, 0])
+    deltas = dense_deltas(library)
+    expected = np.zeros((3, 8))
+    for c in range(3):
+        for i in range(8):
+            others = deltas[(assign == c) & (np.arange(8) != i)].sum(0)
+            norm = np.linalg.norm(others) * np.linalg.norm(deltas[i])
+            expected[c, i] = others @ deltas[i] / norm if norm > 0 else 0.0
+    got = -d2c.similarity_ranking(np.asarray(library_delta_gram(library)), assign, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class WithoutCrossLosses:
+    """A `PairwiseObjective` that can only score member sets (no cross losses)."""
+
+    def __init__(self, objective):
+        self.inner = objective
+        self.num_tasks = objective.num_tasks
+
+    def task_losses(self, masks):
+        return self.inner.task_losses(masks)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed):
+    """destination_proxy="similarity": each visit scores only the cluster whose other
+    members' summed delta is most similar to the adapter's (at the sweep's start), and
+    needs no cross losses."""
+    groups = (0, 1, 2) * 4
+    objective = WithoutCrossLosses(PairwiseObjective(groups, seed=seed))
+    library = planted_library(groups=groups, seed=seed, noise=0.3)
+    start = random_assignment(12, 3, seed=seed)
+
+    class From(D2CClustering):
+        def initial_assignment(self, library, k, seed, cached=None):
+            return ClusteringResult("given", start.copy(), k)
+
+    search = From(
+        mode="sweep", max_iters=1, destinations=1, task_loss="nll", destination_proxy="similarity"
+    )
+    got = search.fit(library, 3, seed, objective, progress=False)
+    deltas = dense_deltas(library)
+    assign = start.copy()
+    for i in np.random.default_rng([seed, 1]).permutation(12):
+        if (assign == assign[i]).sum() == 1:
+            continue
+        cosines = []
+        for c in range(3):
+            others = deltas[(start == c) & (np.arange(12) != i)].sum(0)
+            cosines.append(others @ deltas[i] / np.linalg.norm(others) / np.linalg.norm(deltas[i]))
+        b = next(int(c) for c in np.argsort(-np.array(cosines), kind="stable") if c != assign[i])
+        moved = assign.copy()
+        moved[i] = b
+        before = objective_value(objective.inner, assign, 3)
+        if objective_value(objective.inner, moved, 3) < before - 1e-4:
+            assign = moved
+    np.testing.assert_array_equal(got.assign, assign)
+    assert got.info["destination_proxy"] == "similarity"
+    with pytest.raises(ValueError, match="cross_losses"):
+        From(mode="sweep", destinations=1).fit(library, 3, seed, objective, progress=False)
+    with pytest.raises(ValueError, match="destination_proxy"):
+        D2CClustering(destination_proxy="gradient")

@@ -424,3 +424,25 @@ def test_member_sums_of_a_split_add_up_to_the_whole(config, split):
     expected = km.combine_members({"m": x}, valid, weights, config)["m"]
     factor = km.cluster_factor(valid, weights, config)[:, None, None]
     np.testing.assert_allclose(km.finish_sums(whole, config) * factor, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["normal", "sorted", "mostly_zero", "few_values"])
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
+def test_trim_of_large_matrices_equals_numpy_top_k(kind, density):
+    """Matrices larger than the bracket sample (`BRACKET_SAMPLE`), including layouts
+    that bias a strided sample and heavy ties: the kept entries are NumPy's top k by
+    magnitude, plus every entry tied with the k-th."""
+    rng = np.random.default_rng(7)
+    size = (96, 70)  # 6720 entries, sampled with stride 6
+    x = rng.standard_normal(size)
+    if kind == "sorted":
+        x = np.sort(np.abs(x), axis=None).reshape(size) * rng.choice([-1, 1], size)
+    elif kind == "mostly_zero":
+        x = np.where(rng.random(size) < 0.95, 0.0, x)
+    elif kind == "few_values":
+        x = rng.choice([-2.0, -1.0, 0.5, 1.0, 3.0], size)
+    x = x.astype(np.float32)
+    kept = np.asarray(km.trim_masks({"m": jnp.asarray(x)[None]}, density, "per-tensor")["m"][0])
+    k = int(density * x.size)
+    kth = np.sort(np.abs(x), axis=None)[::-1][k - 1]
+    np.testing.assert_array_equal(kept, np.abs(x) >= kth)

@@ -73,7 +73,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from d2c_jax.cluster.base import ClusteringResult, membership_mask
-from d2c_jax.cluster.parameter import KMeansClustering, MBCClustering, RandomClustering
+from d2c_jax.cluster.parameter import (
+    KMeansClustering,
+    MBCClustering,
+    RandomClustering,
+    library_delta_gram,
+)
 from d2c_jax.library import AdapterLibrary
 from kernels.screening import spearman
 
@@ -87,6 +92,8 @@ MODES = ("best", "sweep", "lloyd")
 
 # Destinations a sweep visit scores by default (``D2CClustering.destinations``).
 SWEEP_DESTINATIONS = 1
+# How a sweep ranks an adapter's destinations (``D2CClustering.destination_proxy``).
+PROXIES = ("loss", "similarity")
 
 # Per-task loss f(mean dev NLL) that J averages (module docstring); f(0) = 0, so the
 # zeros of non-member tasks add nothing.
@@ -209,6 +216,27 @@ def move_deltas(
     return deltas
 
 
+def similarity_ranking(gram: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """``[K, N]`` minus the cosine between each adapter's delta and the summed delta of
+    each cluster's *other* members (lower: more promising destination).
+
+    Args:
+      gram: ``[N, N]`` inner products of the adapters' dense deltas
+        (`d2c_jax.cluster.parameter.library_delta_gram`).
+      assign: ``[N]`` cluster of each adapter.
+      k: clusters.
+    """
+    member = membership_mask(assign, k).astype(np.float64)  # [K, N]
+    gram = np.asarray(gram, np.float64)
+    own = np.diag(gram)  # [N] squared norms
+    inner = member @ gram - member * own  # <sum of c's other members, delta_i>
+    total = np.einsum("kn,nm,km->k", member, gram, member)  # ||sum over c||^2
+    # ||sum over c without i||^2 = total - 2 <sum over c, d_i> + ||d_i||^2 where i is in c
+    others = total[:, None] - member * (2 * (member @ gram) - own)
+    norm = np.sqrt(np.maximum(others, 0.0) * own)
+    return -np.where(norm > 0, inner / np.where(norm > 0, norm, 1.0), 0.0)
+
+
 def promising_destinations(losses: np.ndarray, current: int, m: int) -> np.ndarray:
     """``losses [K]`` (a task's loss under each cluster's merge) -> ``[K]`` bool: the m
     clusters other than `current` with the lowest loss (ties: lower index)."""
@@ -238,6 +266,10 @@ class D2CClustering:
         cluster's merge at the start of the sweep (K merges scored on every task,
         `CachedObjective.cross_losses`); 0 scores every destination; None (default):
         `SWEEP_DESTINATIONS` in sweep mode (other modes score every move).
+      destination_proxy: how those M are ranked: ``loss`` (the default, above; K x N
+        task evaluations per sweep) or ``similarity`` (cosine of the adapter's delta with
+        the summed delta of each cluster's other members, `similarity_ranking`: no
+        evaluation, for libraries where K x N evaluations cost more than the sweep).
       screen_top: M > 0 turns on first-order screening (``best`` mode only): only the
         M best-estimated moves (plus the reliability sample) are scored exactly.
       screen_sample: moves scored exactly at random to check the estimate's ranking.
@@ -255,6 +287,7 @@ class D2CClustering:
     kmeans: KMeansClustering = KMeansClustering()
     mbc: MBCClustering = MBCClustering()
     destinations: int | None = None
+    destination_proxy: str = "loss"
     screen_top: int = 0
     screen_sample: int = 16
     screen_min_corr: float = 0.5
@@ -272,6 +305,11 @@ class D2CClustering:
             raise ValueError("destinations must be >= 0")
         if self.destinations and self.mode != "sweep":
             raise ValueError("destinations (M > 0) needs mode='sweep'")
+        if self.destination_proxy not in PROXIES:
+            raise ValueError(
+                f"destination_proxy must be one of {', '.join(PROXIES)}, "
+                f"got {self.destination_proxy!r}"
+            )
         if self.screen_top and self.mode != "best":
             raise ValueError("screening (screen_top > 0) needs mode='best'")
         if self.task_loss not in TASK_LOSSES:
@@ -281,6 +319,10 @@ class D2CClustering:
         if self.screen_top and self.task_loss != "nll":
             # The first-order estimate is of the change of mean NLL.
             raise ValueError("screening (screen_top > 0) needs task_loss='nll'")
+
+    @property
+    def _loss_proxy(self) -> bool:
+        return bool(self.sweep_destinations) and self.destination_proxy == "loss"
 
     @property
     def sweep_destinations(self) -> int:
@@ -325,7 +367,7 @@ class D2CClustering:
         cached = objective if isinstance(objective, CachedObjective) else CachedObjective(objective)
         if self.screen_top and not hasattr(cached.objective, "first_order_moves"):
             raise ValueError("screening needs an objective with first_order_moves (DevObjective)")
-        if (self.mode == "lloyd" or self.sweep_destinations) and not hasattr(
+        if (self.mode == "lloyd" or self._loss_proxy) and not hasattr(
             cached.objective, "cross_losses"
         ):
             raise ValueError(
@@ -380,11 +422,21 @@ class D2CClustering:
             disable=not progress,
         )
         done = bool(log and log[-1].get("converged"))
+        gram = None
+        if self.sweep_destinations and not self._loss_proxy:
+            gram = np.asarray(library_delta_gram(library))
         while not done and iteration < self.max_iters:
             start = time.perf_counter()
             before = cached.evaluations
             assign, moves, considered, screened = self._iterate(
-                assign, k, cached, seed, iteration + 1, progress, checkpoint_in_sweep(assign)
+                assign,
+                k,
+                cached,
+                seed,
+                iteration + 1,
+                progress,
+                checkpoint_in_sweep(assign),
+                gram,
             )
             iteration += 1
             seconds = time.perf_counter() - start
@@ -430,12 +482,16 @@ class D2CClustering:
                 "task_loss": self.task_loss,
                 "screen_top": self.screen_top,
                 "destinations": self.sweep_destinations,
+                "destination_proxy": self.destination_proxy if self.sweep_destinations else None,
             },
         )
 
-    def _iterate(self, assign, k, cached, seed, iteration, progress=False, after_visit=None):
+    def _iterate(
+        self, assign, k, cached, seed, iteration, progress=False, after_visit=None, gram=None
+    ):
         """One iteration; returns (new assign, [(i, from, to, dJ)], candidates considered,
-        screening record or None). ``after_visit()`` runs after each sweep visit."""
+        screening record or None). ``after_visit()`` runs after each sweep visit; `gram`
+        (``[N, N]``) ranks destinations for the similarity proxy."""
         n = assign.shape[0]
         assign = assign.copy()
         if self.mode == "lloyd":
@@ -458,8 +514,10 @@ class D2CClustering:
                 return assign, [move], considered, screened
             return assign, [], considered, screened
         moves, considered = [], 0
-        if self.sweep_destinations:  # each task's loss under each merge at the sweep's start
-            cross = cached.cross_losses(membership_mask(assign, k))  # [K, N]
+        if self._loss_proxy:  # each task's loss under each merge at the sweep's start
+            ranking = cached.cross_losses(membership_mask(assign, k))  # [K, N]
+        elif self.sweep_destinations:
+            ranking = similarity_ranking(gram, assign, k)
         order = np.random.default_rng([seed, iteration]).permutation(n)
         # A sweep over a large library takes many minutes: show each visit, with ETA.
         visits = tqdm(
@@ -469,7 +527,7 @@ class D2CClustering:
             before = cached.evaluations
             pairs = None
             if self.sweep_destinations:
-                pairs = promising_destinations(cross[:, i], assign[i], self.sweep_destinations)[
+                pairs = promising_destinations(ranking[:, i], assign[i], self.sweep_destinations)[
                     None
                 ]
             deltas = (

@@ -51,7 +51,7 @@ MANIFEST_NAME = "manifest.json"
 
 def add_parser(subparsers) -> None:
     from d2c_jax.cluster import METHODS, D2CClustering
-    from d2c_jax.cluster.d2c import INITS, MODES, SWEEP_DESTINATIONS, TASK_LOSSES
+    from d2c_jax.cluster.d2c import INITS, MODES, PROXIES, SWEEP_DESTINATIONS, TASK_LOSSES
     from d2c_jax.commands.merge_args import add_merge_arguments
 
     parser = subparsers.add_parser(
@@ -126,6 +126,15 @@ def add_parser(subparsers) -> None:
         help="d2c sweep mode: score only each adapter's M most promising destination "
         "clusters (ranked by its task's loss under each current merge); 0 = all "
         f"(default: {SWEEP_DESTINATIONS} in sweep mode)",
+    )
+    parser.add_argument(
+        "--destination-proxy",
+        choices=PROXIES,
+        default=d2c.destination_proxy,
+        help="d2c sweep mode: how the M destinations are ranked: loss (its task's dev loss "
+        "under each current merge: K x N task evaluations per sweep) or similarity (cosine "
+        "of its delta with each cluster's summed delta: no evaluation; for large libraries) "
+        f"(default: {d2c.destination_proxy})",
     )
     parser.add_argument(
         "--tol",
@@ -235,6 +244,12 @@ def _settings(args: argparse.Namespace, job, library_dir: Path, tasks_dir: Path)
         "mode": args.mode,
         "max_iters": args.max_iters,
         "destinations": args.destinations,
+        # recorded only when set, so that earlier outputs still resume
+        **(
+            {"destination_proxy": args.destination_proxy}
+            if args.destination_proxy != "loss"
+            else {}
+        ),
         "tol": args.tol,
         "task_loss": args.task_loss,
         "score_deployed": args.score_deployed,
