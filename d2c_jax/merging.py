@@ -14,7 +14,8 @@ and, on request, their untruncated dense deltas ``{module: {"delta": [C, L, d_ou
 d_in]}}`` (for scoring candidates without paying for an SVD each).
 
 Delta space merges ``scale_n * B_n @ A_n`` and truncates each merged module-layer
-to rank r by SVD (`kernels.lowrank`); factor space merges A and B with PEFT's
+to rank r (`TRUNCATIONS`: the exact top-r singular subspace, or a randomized range
+finder; `kernels.lowrank`); factor space merges A and B with PEFT's
 ``add_weighted_adapter`` semantics and needs no SVD. Its dense delta is exactly
 ``B @ A`` of the merged factors, so in factor space "untruncated" and "deployed"
 coincide.
@@ -26,12 +27,13 @@ weighs about what its factors weigh (1.8 MB per SmolLM2 q,v adapter instead of
 53 MB). A merge (`merged_deltas` / `merged_factors`) turns the mask into member
 lists ``[C, S]`` on the host (`member_plan`: S padded to a few bucket sizes; rows
 of similar sizes merged together, `merge_groups`),
-gathers those members, and in delta space recomputes their deltas one layer at a
-time, trims them by the stored thresholds and combines them
-(`kernels.merge.combine_members`): work and temporaries are O(C x S) per layer,
-whatever N is. DARE's random mask of an adapter depends only on
-``MergeConfig.seed`` and the adapter's name, so it is the same whichever library
-or subset the adapter sits in.
+gathers those members, and in delta space streams them: for one block of output
+rows of one layer at a time, each member's delta is recomputed from its factors,
+trimmed by its stored threshold and added to running sums
+(`kernels.merge.member_sums`), finished once (`finish_sums`). Work is O(C x S) per
+layer and temporaries a few row blocks of C matrices, whatever N is. DARE's random
+mask of an adapter depends only on ``MergeConfig.seed`` and the adapter's name, so
+it is the same whichever library or subset the adapter sits in.
 
 The command-line flags of a merge live in `d2c_jax.commands.merge_args`; the named
 merge methods in `kernels.merge_methods`.
