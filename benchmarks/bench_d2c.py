@@ -1,4 +1,4 @@
-"""One D2C iteration on the embedded library: the engine vs a transformers + PEFT peer.
+"""One D2C iteration on the embedded library: the engine vs two transformers + PEFT peers.
 
 Setting: the embedded adapter library as it is on disk now (it may be partly built:
 N is recorded), K clusters (default 5 if N >= 10, else max(2, N // 2)), the task
@@ -19,23 +19,32 @@ mode scores all N (K-1) of them (fewer when a move would empty a cluster).
   applied, the first iteration's cache kept: only sets that contain a changed
   cluster are new); and ``score_deployed=True`` (rank-r truncation by SVD
   first: what PEFT's ``ties_svd`` scores), timed cold only.
-* peer (`benchmarks/peers.py`): what a researcher writes with PEFT: per candidate,
-  merge every cluster with ``add_weighted_adapter(combination_type="ties_svd")`` and
-  evaluate the whole objective (every task's dev examples under its cluster's
-  merge). It is timed on a few candidates only (best, median and worst by our
-  deployed score); its per-candidate time is the mean over those, and since every
-  candidate costs the peer the same work (K merges of N adapters in all, N tasks'
-  examples) it stands for all of them. torch threads: the faster of 1 and the
-  default on a probe (one merge and one batch).
+* naive peer (`benchmarks/peers.py`, key ``peer``): the straightforward PEFT loop: per
+  candidate, merge every cluster with
+  ``add_weighted_adapter(combination_type="ties_svd")`` and evaluate the whole
+  objective (every task's dev examples under its cluster's merge). It is timed on a
+  few candidates only (best, median and worst by our deployed score); its
+  per-candidate time is the mean over those, and since every candidate costs the peer
+  the same work (K merges of N adapters in all, N tasks' examples) it stands for all
+  of them. torch threads: the faster of 1 and the default on a probe (one merge and
+  one batch).
+* smart peer (`peers.move_objective`, key ``smart_peer``): PEFT with our algorithmic
+  savings: a fresh cache holding the K current clusters (untimed), then each distinct
+  changed member set (``a - i``, ``b + i``) merged and scored once. Timed on all K-1
+  moves of ``--smart-peer-adapters`` seeded-random adapters; its iteration estimate
+  is its seconds per member set times the member sets our cold iteration scored.
 
-Agreement: the peer's per-task losses of each candidate against ours (deployed: same
-truncation, so only float32 rounding and SVD-solver differences remain; both keep a
-one-member cluster's adapter whole); and ours untruncated against ours deployed on all candidates
-(Spearman rank correlation, the best move).
+Agreement: each peer's per-task losses of each timed candidate against ours (deployed:
+same truncation, so only float32 rounding and SVD-solver differences remain; both keep
+a one-member cluster's adapter whole); and ours untruncated against ours deployed on all
+candidates (Spearman rank correlation, the best move).
 
 Also, on the same library and K: the dev objective J of random, kmeans and mbc, and
 of a full D2C search (kmeans init, ``sweep`` mode, ``--d2c-iters`` iterations at most)
-with its wall time and the member sets it scored.
+with its wall time and the member sets it scored. With ``--part all``, the wall time
+of that whole search estimated for the peers (``whole_run_estimate``): the smart
+peer's seconds per member set times the sets the search scored, the naive peer's
+seconds per candidate times the moves it considered.
 
     nice -n 5 python benchmarks/bench_d2c.py --quick   # -> results/bench_d2c_quick.json
     nice -n 5 python benchmarks/bench_d2c.py           # -> results/bench_d2c.json
@@ -146,18 +155,24 @@ def pick_moves(moves: np.ndarray, count: int) -> np.ndarray:
     return order[np.unique(np.linspace(0, len(order) - 1, count).round().astype(int))]
 
 
-def time_peer(base, library, assignments, k, objective, merge, workdir):
-    """The PEFT peer's whole-objective evaluation of each of `assignments`; returns the
-    record and the ``[len(assignments), N]`` per-task NLL."""
+def peer_model(base, library, objective, merge, workdir):
+    """The ``PeftModel`` holding the library's adapters (both peers use it) and the torch
+    threads picked for it on a probe."""
     from benchmarks import peers
     from d2c_jax.library import embedded_library_dir
 
-    names = list(library.names)
     pmodel = peers.peft_model(
         peers.causal_lm(base, workdir / "hf"),
-        {name: embedded_library_dir() / name for name in names},
+        {name: embedded_library_dir() / name for name in library.names},
     )
-    threads = peers.pick_torch_threads(pmodel, names, objective.bank, merge)
+    return pmodel, peers.pick_torch_threads(pmodel, list(library.names), objective.bank, merge)
+
+
+def time_peer(pmodel, threads, names, assignments, k, objective, merge):
+    """The naive PEFT peer's whole-objective evaluation of each of `assignments`; returns
+    the record and the ``[len(assignments), N]`` per-task NLL."""
+    from benchmarks import peers
+
     records, per_task = [], []
     for assign in assignments:
         start = time.perf_counter()
@@ -187,6 +202,60 @@ def time_peer(base, library, assignments, k, objective, merge, workdir):
         "costs the peer the same work (K merges, all N tasks scored)",
         "candidates": records,
     }, np.array(per_task)
+
+
+def time_smart_peer(pmodel, names, assign, k, objective, merge, adapters, ours_cold):
+    """The smart PEFT peer (`peers.move_objective`) on all moves of `adapters`, with a
+    fresh cache holding the K current clusters (scored untimed first), extrapolated to
+    the iteration by the member sets ours scored (`ours_cold`). Returns the record, the
+    ``[M, 2]`` moves and their ``[M, N]`` per-task NLL."""
+    from benchmarks import peers
+
+    moves = np.array([(i, b) for i in adapters for b in range(k) if b != assign[i]])
+    cache: dict = {}
+    data = (objective.bank, objective.examples_of, merge)
+    peers.move_objective(pmodel, names, assign, k, *data, moves[:0], cache)
+    start = time.perf_counter()
+    timed = peers.move_objective(pmodel, names, assign, k, *data, moves, cache)
+    seconds = time.perf_counter() - start
+    per_set = seconds / timed.sets_scored
+    iteration = per_set * ours_cold["member_sets_scored"]
+    record = {
+        "adapters": [names[i] for i in adapters],
+        "candidates_timed": len(moves),
+        "member_sets_timed": timed.sets_scored,
+        "seconds": round(seconds, 3),
+        "merge_seconds": round(timed.merge_seconds, 3),
+        "score_seconds": round(timed.score_seconds, 3),
+        "seconds_per_member_set": round(per_set, 4),
+        "seconds_per_candidate": round(seconds / len(moves), 4),
+        "iteration_member_sets": ours_cold["member_sets_scored"],
+        "iteration_candidates": ours_cold["candidates"],
+        "iteration_seconds_estimate": round(iteration, 3),
+        "candidates_per_second": round(ours_cold["candidates"] / iteration, 5),
+        "note": "merges (ties_svd) and scores only each distinct changed member set (source "
+        "a - i, destination b + i) once, caching sets it has seen, as ours does; timed on "
+        "all moves of the adapters above, its iteration estimate is its seconds per set "
+        "times the sets our iteration scored",
+    }
+    print(f"  smart peer: {record}", flush=True)
+    return record, moves, timed.value
+
+
+def smart_agreement(assign, k, moves, smart_tasks, cached_deployed) -> dict:
+    """The smart peer's per-task losses of each timed move against ours deployed."""
+    diffs = []
+    for (i, b), smart in zip(moves, smart_tasks, strict=True):
+        moved = assign.copy()
+        moved[i] = b
+        diffs.append(float(np.abs(task_losses(cached_deployed, moved, k) - smart).max()))
+    worst = max(diffs) if diffs else None
+    return {
+        "moves": len(diffs),
+        "max_abs_task_diff": worst,
+        "tolerance": PEER_TOLERANCE,
+        "within_tolerance": worst is not None and worst <= PEER_TOLERANCE,
+    }
 
 
 def agreement(library, assign, k, chosen, peer_tasks, cached, cached_deployed, moves, deployed):
@@ -280,8 +349,11 @@ def cluster_objectives(library, k, seed, objective, d2c_iters) -> dict:
     return out
 
 
-def iteration_part(base, library, examples, assign, k, peer_count, quick) -> dict:
-    """Ours (untruncated and deployed) and the peer on one iteration; ratios, agreement."""
+def iteration_part(base, library, examples, assign, k, peer_count, smart_count, seed) -> dict:
+    """Ours (untruncated and deployed) and both peers on one iteration; ratios, agreement.
+
+    `smart_count` adapters (seeded choice among those whose move empties no cluster)
+    have all their moves timed on the smart peer."""
     from d2c_jax import merging
     from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
 
@@ -303,36 +375,74 @@ def iteration_part(base, library, examples, assign, k, peer_count, quick) -> dic
     deployed = objective(score_deployed=True)
     ours_deployed, moves_deployed, cached_deployed = time_ours(deployed, assign, k, warm=False)
 
-    print("peer (transformers + PEFT):", flush=True)
+    names = list(library.names)
+    tmp = tempfile.TemporaryDirectory(prefix="bench_d2c_")
+    pmodel, threads = peer_model(base, library, deployed, merge, Path(tmp.name))
+    print("naive peer (transformers + PEFT):", flush=True)
     chosen = pick_moves(moves_deployed, peer_count)
     assignments = []
     for i, b in chosen:
         assignments.append(assign.copy())
         assignments[-1][i] = b
-    tmp = tempfile.TemporaryDirectory(prefix="bench_d2c_")
-    peer, peer_tasks = time_peer(base, library, assignments, k, deployed, merge, Path(tmp.name))
+    peer, peer_tasks = time_peer(pmodel, threads, names, assignments, k, deployed, merge)
+    print("smart peer (transformers + PEFT, changed member sets only):", flush=True)
+    movable = np.flatnonzero(np.bincount(assign, minlength=k)[assign] > 1)
+    adapters = np.sort(
+        np.random.default_rng(seed).choice(movable, min(smart_count, len(movable)), replace=False)
+    )
+    smart, smart_moves, smart_tasks = time_smart_peer(
+        pmodel, names, assign, k, deployed, merge, adapters, ours_default["cold"]
+    )
     tmp.cleanup()
 
     def ratio(timing):
         return round(peer["seconds_per_candidate"] * timing["candidates_per_second"], 2)
+
+    def ratio_smart(timing):  # both over the iteration's candidates
+        seconds = smart["iteration_seconds_estimate"] / smart["iteration_candidates"]
+        return round(seconds * timing["candidates_per_second"], 2)
 
     ratios = {
         "untruncated_warm_over_peer": ratio(ours_default["warm"]),
         "untruncated_second_iteration_over_peer": ratio(ours_default["second_iteration"]),
         "untruncated_cold_over_peer": ratio(ours_default["cold"]),
         "deployed_cold_over_peer": ratio(ours_deployed["cold"]),
+        "untruncated_warm_over_smart_peer": ratio_smart(ours_default["warm"]),
+        "untruncated_cold_over_smart_peer": ratio_smart(ours_default["cold"]),
+        "deployed_cold_over_smart_peer": ratio_smart(ours_deployed["cold"]),
     }
     print(f"ratios: {ratios}", flush=True)
     agree = agreement(
         library, assign, k, chosen, peer_tasks, cached, cached_deployed, moves, moves_deployed
     )
+    agree["smart_peer"] = smart_agreement(assign, k, smart_moves, smart_tasks, cached_deployed)
     print(f"agreement: {agree}", flush=True)
     return {
         "candidates_per_call": per_call,
         "ours": {"untruncated": ours_default, "deployed": ours_deployed},
         "peer": peer,
+        "smart_peer": smart,
         "ratios_candidates_per_second": ratios,
         "agreement": agree,
+    }
+
+
+def whole_run_estimate(iteration: dict, d2c: dict) -> dict:
+    """Wall seconds of a whole D2C search to its final assignment: ours measured
+    (`cluster_objectives`), the peers' from their timed iteration work."""
+    sets, moves = d2c["member_sets_scored"], d2c["moves_considered"]
+    smart = iteration["smart_peer"]["seconds_per_member_set"] * sets
+    naive = iteration["peer"]["seconds_per_candidate"] * moves
+    return {
+        "ours_seconds": d2c["wall_seconds"],
+        "member_sets_scored": sets,
+        "moves_considered": moves,
+        "smart_peer_seconds_estimate": round(smart, 1),
+        "naive_peer_seconds_estimate": round(naive, 1),
+        "smart_peer_over_ours": round(smart / d2c["wall_seconds"], 2),
+        "naive_peer_over_ours": round(naive / d2c["wall_seconds"], 2),
+        "note": "smart peer: its seconds per member set x the sets our search scored; naive "
+        "peer: its seconds per candidate x the moves our search considered",
     }
 
 
@@ -358,12 +468,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--examples-per-task", type=int, help="dev examples per task")
     parser.add_argument("--peer-candidates", type=int, help="candidates the peer is timed on")
+    parser.add_argument(
+        "--smart-peer-adapters",
+        type=int,
+        metavar="M",
+        help="adapters whose moves the smart peer is timed on (default 2, --quick 1)",
+    )
     parser.add_argument("--d2c-iters", type=int, help="max iterations of the D2C search")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
     e = args.examples_per_task or (3 if quick else 10)
     peer_count = args.peer_candidates or (1 if quick else 3)
+    smart_count = args.smart_peer_adapters or (1 if quick else 2)
     d2c_iters = args.d2c_iters or (1 if quick else 2)
     wall = time.perf_counter()
 
@@ -403,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     if args.part in ("all", "iteration"):
-        payload["iteration"] = iteration_part(base, library, examples, assign, k, peer_count, quick)
+        payload["iteration"] = iteration_part(
+            base, library, examples, assign, k, peer_count, smart_count, args.seed
+        )
     if args.part in ("all", "clustering"):
         print(f"clustering methods (K={k}, sweep-mode d2c, <= {d2c_iters} iterations):")
         # K member sets per call: the K clusters of an assignment, or the K sets
@@ -418,6 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         payload["clustering_dev_objective"] = cluster_objectives(
             library, k, args.seed, objective, d2c_iters
         )
+    if args.part == "all":
+        payload["whole_run_estimate"] = whole_run_estimate(
+            payload["iteration"], payload["clustering_dev_objective"]["d2c"]
+        )
+        print(f"whole D2C run: {payload['whole_run_estimate']}", flush=True)
     payload["wall_seconds"] = round(time.perf_counter() - wall, 1)
     suffix = ("" if args.part == "all" else f"_{args.part}") + ("_quick" if quick else "")
     path = write_result(f"bench_d2c{suffix}", payload)

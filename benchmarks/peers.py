@@ -160,11 +160,13 @@ def example_nll(pmodel, bank, rows: Sequence[int]) -> np.ndarray:
 
 @dataclasses.dataclass
 class Timed:
-    """A peer result with the seconds spent merging and scoring."""
+    """A peer result with the seconds spent merging and scoring, and the member sets
+    merged and scored in them."""
 
     value: np.ndarray
     merge_seconds: float
     score_seconds: float
+    sets_scored: int = 0
 
 
 def score_member_sets(
@@ -195,7 +197,7 @@ def score_member_sets(
         out[c, tasks] = [nll[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         score_s += time.perf_counter() - start
         pmodel.delete_adapter("candidate")
-    return Timed(out, merge_s, score_s)
+    return Timed(out, merge_s, score_s, len(masks))
 
 
 def dev_objective(
@@ -214,6 +216,53 @@ def dev_objective(
     masks = assign[None, :] == np.arange(k)[:, None]
     per_cluster = score_member_sets(pmodel, names, masks, bank, examples_of, config)
     return dataclasses.replace(per_cluster, value=per_cluster.value[assign, np.arange(len(assign))])
+
+
+def move_objective(
+    pmodel,
+    names: Sequence[str],
+    assign: np.ndarray,
+    k: int,
+    bank,
+    examples_of: Sequence[np.ndarray],
+    config: MergeConfig,
+    moves: np.ndarray,
+    cache: dict[frozenset, np.ndarray],
+) -> Timed:
+    """The D2C objective of each move's assignment, scoring only member sets that change.
+
+    The smart peer: the savings of the engine's `move_deltas` + `CachedObjective` with
+    PEFT merges. `moves` ``[M, 2]`` are (adapter i, cluster b) pairs; `cache` maps a
+    member set (frozenset of adapter indices) to its ``[N]`` task losses (NaN for
+    non-members, a row of `score_member_sets`) and is filled in place. The K current
+    clusters of `assign` are scored first where not cached (not counted in the result);
+    then every member set not in the cache that a move creates (the source ``a - i``
+    and destination ``b + i``; the other clusters are current ones) is merged and
+    scored once. The value is ``[M, N]``: each task's loss under its cluster's merge in
+    the move's assignment (J is its row mean); the seconds and `sets_scored` are those
+    of the moves' new sets only.
+    """
+    assign = np.asarray(assign)
+    moves = np.asarray(moves, int).reshape(-1, 2)
+    moved = np.repeat(assign[None], len(moves), 0)  # [M, N]
+    moved[np.arange(len(moves)), moves[:, 0]] = moves[:, 1]
+
+    def key(mask: np.ndarray) -> frozenset:
+        return frozenset(np.flatnonzero(mask).tolist())
+
+    def score_new(rows: np.ndarray) -> Timed:
+        """Score the distinct member sets of the clusters of assignments `rows` not cached."""
+        new = {key(row == c): row == c for row in rows for c in np.unique(row)}
+        new = {s: mask for s, mask in new.items() if s not in cache}
+        masks = np.array(list(new.values()), bool).reshape(-1, len(assign))
+        timed = score_member_sets(pmodel, names, masks, bank, examples_of, config)
+        cache.update(zip(new, timed.value, strict=True))
+        return timed
+
+    score_new(assign[None])
+    timed = score_new(moved)
+    value = np.array([[cache[key(row == c)][t] for t, c in enumerate(row)] for row in moved])
+    return dataclasses.replace(timed, value=value.reshape(len(moved), len(assign)))
 
 
 def warm_up(pmodel, names: Sequence[str], bank, config: MergeConfig) -> None:

@@ -24,7 +24,7 @@ from d2c_jax.scoring import score_examples  # noqa: E402
 from kernels.merge import MergeConfig  # noqa: E402
 from tests.conftest import random_lora  # noqa: E402
 
-RANK, ALPHA, N = 4, 8.0, 3
+RANK, ALPHA, N = 4, 8.0, 4
 NAMES = [f"t{i}" for i in range(N)]
 
 
@@ -99,3 +99,47 @@ def test_single_adapter_is_kept_whole_like_peft_unless_asked_to_merge(setup):
         np.testing.assert_allclose(kept, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
         trimmed = np.asarray(merged["merge"].delta[module]["delta"][0])
         assert np.count_nonzero(trimmed) < 0.6 * trimmed.size
+
+
+@pytest.fixture(scope="module")
+def task_bank(tiny_base):
+    """The tiny examples as one bank, split into N tasks of consecutive rows."""
+    from tests.conftest import TINY_TASKS
+
+    examples = [{"prompt": p, "target": t} for pairs in TINY_TASKS.values() for p, t in pairs]
+    bank = encode_examples(tiny_base, examples, task_key=None)
+    return bank, np.array_split(np.arange(bank.num_examples), N)
+
+
+# K=3 clusters {0, 1}, {2}, {3}; moves of adapters 0 and 1 to clusters 1 and 2 share
+# their sources: 2 sources ({1}, {0}) and 4 destinations, 6 distinct sets for 4 moves.
+ASSIGN, K = np.array([0, 0, 1, 2]), 3
+MOVES = np.array([[0, 1], [0, 2], [1, 1], [1, 2]])
+CONFIG = MergeConfig("ties", space="delta", density=0.5)
+
+
+def test_move_objective_equals_naive_objective_of_each_move(setup, task_bank):
+    _, pmodel = setup
+    bank, examples_of = task_bank
+    timed = peers.move_objective(pmodel, NAMES, ASSIGN, K, bank, examples_of, CONFIG, MOVES, {})
+    assert timed.value.shape == (len(MOVES), N)
+    for (i, b), got in zip(MOVES, timed.value, strict=True):
+        moved = ASSIGN.copy()
+        moved[i] = b
+        naive = peers.dev_objective(pmodel, NAMES, moved, K, bank, examples_of, CONFIG)
+        np.testing.assert_allclose(got, naive.value, rtol=0, atol=1e-5)
+
+
+def test_move_objective_scores_each_changed_member_set_once(setup, task_bank):
+    _, pmodel = setup
+    bank, examples_of = task_bank
+    cache: dict = {}
+    first = peers.move_objective(pmodel, NAMES, ASSIGN, K, bank, examples_of, CONFIG, MOVES, cache)
+    changed = {frozenset({1}), frozenset({0}), frozenset({0, 2}), frozenset({0, 3})}
+    changed |= {frozenset({1, 2}), frozenset({1, 3})}
+    current = {frozenset({0, 1}), frozenset({2}), frozenset({3})}
+    assert first.sets_scored == len(changed)  # the K current clusters are not counted
+    assert set(cache) == changed | current
+    again = peers.move_objective(pmodel, NAMES, ASSIGN, K, bank, examples_of, CONFIG, MOVES, cache)
+    assert again.sets_scored == 0
+    np.testing.assert_array_equal(again.value, first.value)
