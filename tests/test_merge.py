@@ -429,11 +429,11 @@ def test_member_sums_of_a_split_add_up_to_the_whole(config, split):
 @pytest.mark.parametrize("kind", ["normal", "sorted", "mostly_zero", "few_values"])
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
 def test_trim_of_large_matrices_equals_numpy_top_k(kind, density):
-    """Matrices larger than the bracket sample (`BRACKET_SAMPLE`), including layouts
-    that bias a strided sample and heavy ties: the kept entries are NumPy's top k by
-    magnitude, plus every entry tied with the k-th."""
+    """Large matrices, sorted, mostly zero or with few distinct values (heavy ties):
+    the kept entries are NumPy's top k by magnitude, plus every entry tied with the
+    k-th."""
     rng = np.random.default_rng(7)
-    size = (96, 70)  # 6720 entries, sampled with stride 6
+    size = (96, 70)
     x = rng.standard_normal(size)
     if kind == "sorted":
         x = np.sort(np.abs(x), axis=None).reshape(size) * rng.choice([-1, 1], size)
