@@ -229,10 +229,11 @@ def similarity_ranking(gram: np.ndarray, assign: np.ndarray, k: int) -> np.ndarr
     member = membership_mask(assign, k).astype(np.float64)  # [K, N]
     gram = np.asarray(gram, np.float64)
     own = np.diag(gram)  # [N] squared norms
-    inner = member @ gram - member * own  # <sum of c's other members, delta_i>
-    total = np.einsum("kn,nm,km->k", member, gram, member)  # ||sum over c||^2
+    with_all = member @ gram  # [K, N] <sum over c, delta_i>
+    inner = with_all - member * own  # <sum of c's other members, delta_i>
+    total = np.sum(with_all * member, axis=1)  # ||sum over c||^2
     # ||sum over c without i||^2 = total - 2 <sum over c, d_i> + ||d_i||^2 where i is in c
-    others = total[:, None] - member * (2 * (member @ gram) - own)
+    others = total[:, None] - member * (2 * with_all - own)
     norm = np.sqrt(np.maximum(others, 0.0) * own)
     return -np.where(norm > 0, inner / np.where(norm > 0, norm, 1.0), 0.0)
 

@@ -13,6 +13,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers) -> None:
+    from d2c_jax.merging import TRUNCATIONS
+
     parser = subparsers.add_parser(
         "merge",
         help="merge PEFT LoRA adapters into one (ties, linear, dare, ...)",
@@ -41,7 +43,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--truncation",
-        choices=("exact", "randomized"),
+        choices=sorted(TRUNCATIONS),
         default="exact",
         help="--space delta: how the merged delta returns to rank r: exact (top-r singular "
         "subspace) or randomized (range finder with power iterations: much faster, residual "
