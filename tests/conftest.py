@@ -26,6 +26,8 @@ Fixtures (use them in any test module, no import needed):
   SmolLM2-135M-Instruct via ``load_base("default")``.
 
 * ``user_cache_dir`` (session, automatic): ``$D2C_JAX_CACHE`` points to a temp dir.
+* ``release_compiled_programs`` (module, automatic): drops JAX's compiled programs
+  after each test module (see its docstring).
 * ``make_tiny_config``: factory ``make_tiny_config(**overrides) -> LlamaConfig`` (e.g.
   ``model_type="qwen2", attention_bias=True, tie_word_embeddings=False``).
 """
@@ -152,6 +154,23 @@ TINY_TASKS = {
         ("count: z", "1"),
     ],
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def release_compiled_programs():
+    """Clear JAX's compilation caches after every test module.
+
+    Each program XLA:CPU compiles keeps about three memory mappings until its cache
+    entry goes; the whole suite compiles enough programs in one process to pass
+    Linux's default ``vm.max_map_count`` (65,530), where the next compilation dies
+    with a segmentation fault."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session", autouse=True)
