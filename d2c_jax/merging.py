@@ -185,24 +185,34 @@ def _for_kernels(prepared: PreparedLibrary) -> PreparedLibrary:
     return dataclasses.replace(prepared, config=_kernel_config(prepared.config))
 
 
-# Adapters whose delta thresholds are found together when preparing a library: the
-# dense deltas of one batch are the only dense [.., d_out, d_in] arrays it holds.
+# Dense deltas whose trim thresholds are found together when preparing a library:
+# adapters for global trimming, single matrices for per-tensor trimming (so a step's
+# deltas stay in cache). They are the only dense [.., d_out, d_in] arrays it holds.
 PREPARE_BATCH = 4
 
 
 @jax.jit(static_argnames="config")
 def _delta_thresholds(factors, scale, config: MergeConfig):
     """``{module: [N, L]}`` trim thresholds of every adapter's dense delta, a few
-    adapters at a time."""
+    adapters (global trimming) or matrices (per-tensor) at a time."""
 
-    def one(args):
-        f, s = args
+    def thresholds(f, s):
         deltas = {m: lowrank.factors_to_delta(x["A"], x["B"], s)[None] for m, x in f.items()}
         return jax.tree.map(
             lambda t: t[0], kmerge.trim_thresholds(deltas, config.density, config.trim)
         )
 
-    return jax.lax.map(one, (factors, scale), batch_size=PREPARE_BATCH)
+    def each(f, s):
+        return jax.lax.map(lambda args: thresholds(*args), (f, s), batch_size=PREPARE_BATCH)
+
+    if config.trim == "global":
+        return each(factors, scale)
+    out = {}
+    for m, x in factors.items():
+        n, layers = x["A"].shape[:2]
+        matrices = {k: v.reshape(n * layers, *v.shape[2:]) for k, v in x.items()}
+        out[m] = each({m: matrices}, jnp.repeat(scale, layers))[m].reshape(n, layers)
+    return out
 
 
 @jax.jit(static_argnames="config")
