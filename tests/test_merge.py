@@ -426,12 +426,12 @@ def test_member_sums_of_a_split_add_up_to_the_whole(config, split):
     np.testing.assert_allclose(km.finish_sums(whole, config) * factor, expected, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["normal", "sorted", "mostly_zero", "few_values"])
+@pytest.mark.parametrize("kind", ["normal", "sorted", "mostly_zero", "few_values", "heavy_tailed"])
 @pytest.mark.parametrize("density", [0.01, 0.2, 0.9])
 def test_trim_of_large_matrices_equals_numpy_top_k(kind, density):
-    """Large matrices, sorted, mostly zero or with few distinct values (heavy ties):
-    the kept entries are NumPy's top k by magnitude, plus every entry tied with the
-    k-th."""
+    """Large matrices, sorted, mostly zero, with few distinct values (heavy ties) or
+    magnitudes over 50 orders (where interpolating the count is worst): the kept
+    entries are NumPy's top k by magnitude, plus every entry tied with the k-th."""
     rng = np.random.default_rng(7)
     size = (96, 70)
     x = rng.standard_normal(size)
@@ -441,6 +441,8 @@ def test_trim_of_large_matrices_equals_numpy_top_k(kind, density):
         x = np.where(rng.random(size) < 0.95, 0.0, x)
     elif kind == "few_values":
         x = rng.choice([-2.0, -1.0, 0.5, 1.0, 3.0], size)
+    elif kind == "heavy_tailed":
+        x = np.sign(x) * 10.0 ** rng.uniform(-25, 25, size)
     x = x.astype(np.float32)
     kept = np.asarray(km.trim_masks({"m": jnp.asarray(x)[None]}, density, "per-tensor")["m"][0])
     k = int(density * x.size)
