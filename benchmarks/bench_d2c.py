@@ -51,11 +51,15 @@ seconds per candidate times the moves it considered.
     # the two parts as two processes, on a pinned set of adapters:
     nice -n 5 python benchmarks/bench_d2c.py --part iteration --adapters A B ...
     nice -n 5 python benchmarks/bench_d2c.py --part clustering --adapters A B ...
+    # the whole-run estimate from a committed iteration run of the same setup:
+    python benchmarks/bench_d2c.py --part clustering \\
+        --iteration-from benchmarks/results/bench_d2c_iteration.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -427,6 +431,26 @@ def iteration_part(base, library, examples, assign, k, peer_count, smart_count, 
     }
 
 
+# Setup fields that must agree for an iteration run's peer timings to apply here.
+SHARED_SETUP = ("adapters", "k", "examples_per_task", "merge", "initial_assignment", "model")
+
+
+def iteration_from(path: Path, setup: dict) -> dict:
+    """The ``iteration`` part of the bench_d2c result `path`, checked to share this
+    run's `SHARED_SETUP`."""
+    try:
+        stored = json.loads(path.read_text())
+        iteration, other = stored["iteration"], stored["setup"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(
+            f"--iteration-from {path}: not a bench_d2c iteration result ({err})"
+        ) from err
+    differ = [key for key in SHARED_SETUP if other.get(key) != setup[key]]
+    if differ:
+        raise SystemExit(f"--iteration-from {path}: its setup differs in {', '.join(differ)}")
+    return iteration
+
+
 def whole_run_estimate(iteration: dict, d2c: dict) -> dict:
     """Wall seconds of a whole D2C search to its final assignment: ours measured
     (`cluster_objectives`), the peers' from their timed iteration work."""
@@ -475,8 +499,17 @@ def main(argv: list[str] | None = None) -> int:
         help="adapters whose moves the smart peer is timed on (default 2, --quick 1)",
     )
     parser.add_argument("--d2c-iters", type=int, help="max iterations of the D2C search")
+    parser.add_argument(
+        "--iteration-from",
+        type=Path,
+        metavar="JSON",
+        help="with --part clustering: the result file of a --part iteration run on the same "
+        "setup, whose peer timings give the whole-run estimate",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.iteration_from is not None and args.part != "clustering":
+        parser.error("--iteration-from goes with --part clustering")
     quick = args.quick
     e = args.examples_per_task or (3 if quick else 10)
     peer_count = args.peer_candidates or (1 if quick else 3)
@@ -519,8 +552,12 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "float32",
         },
     }
+    iteration = None
+    if args.iteration_from is not None:  # checked before the long run
+        iteration = iteration_from(args.iteration_from, payload["setup"])
+        payload["iteration_from"] = str(args.iteration_from)
     if args.part in ("all", "iteration"):
-        payload["iteration"] = iteration_part(
+        payload["iteration"] = iteration = iteration_part(
             base, library, examples, assign, k, peer_count, smart_count, args.seed
         )
     if args.part in ("all", "clustering"):
@@ -537,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
         payload["clustering_dev_objective"] = cluster_objectives(
             library, k, args.seed, objective, d2c_iters
         )
-    if args.part == "all":
+    if iteration is not None and "clustering_dev_objective" in payload:
         payload["whole_run_estimate"] = whole_run_estimate(
-            payload["iteration"], payload["clustering_dev_objective"]["d2c"]
+            iteration, payload["clustering_dev_objective"]["d2c"]
         )
         print(f"whole D2C run: {payload['whole_run_estimate']}", flush=True)
     payload["wall_seconds"] = round(time.perf_counter() - wall, 1)
