@@ -119,6 +119,24 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "destinations": 1,
         "destination_proxy": "similarity",
     },
+    "d2c_best_likelihood_sweep_m1_similarity_visit75": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+        "destinations": 1,
+        "destination_proxy": "similarity",
+        "visit_fraction": 0.75,
+    },
+    "d2c_best_likelihood_sweep_m1_similarity_visit50": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "likelihood",
+        "destinations": 1,
+        "destination_proxy": "similarity",
+        "visit_fraction": 0.5,
+    },
     "d2c_best_nll_sweep_m1": {
         "init": "best",
         "mode": "sweep",
@@ -166,6 +184,7 @@ def search_config(method: str) -> dict[str, Any]:
             if search.destination_proxy != "loss"
             else {}
         ),
+        **({"visit_fraction": search.visit_fraction} if search.visit_fraction != 1 else {}),
     }
 
 
@@ -278,6 +297,8 @@ class Sweep:
             settings["destinations"] = search.sweep_destinations
         if search.destination_proxy != "loss":
             settings["destination_proxy"] = search.destination_proxy
+        if search.visit_fraction != 1:
+            settings["visit_fraction"] = search.visit_fraction
         return settings
 
     def cell_path(self, method: str, budget: str, seed: int) -> Path:

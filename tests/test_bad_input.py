@@ -290,6 +290,8 @@ CASES = [
     ("cluster-candidates-0", [*CLUSTER, "--candidates-per-call", "0"], "argument --candidates-per-call", None),
     ("cluster-screen-min-corr-2", [*CLUSTER, "--screen-min-corr", "2"], "argument --screen-min-corr", None),
     ("cluster-tol-negative", [*CLUSTER, "--tol", "-1"], "argument --tol", None),
+    ("cluster-visit-fraction-0", [*CLUSTER, "--visit-fraction", "0"], "argument --visit-fraction", None),
+    ("cluster-visit-fraction-without-proxy", _with(CLUSTER, "--method", "d2c") + ["--destinations", "0", "--visit-fraction", "0.5"], "(--visit-fraction) ranks adapters by the destination proxy", None),
     ("cluster-devices-0", [*CLUSTER, "--devices", "0"], "argument --devices", None),
     ("cluster-density-0", _with(CLUSTER, "--density", "0"), "argument --density", None),
     ("cluster-budget-0", _with(CLUSTER, "--budget", "0"), "budget", None),

@@ -459,11 +459,12 @@ class WithoutCrossLosses:
         return self.inner.task_losses(masks)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed):
+@pytest.mark.parametrize("seed, visit_fraction", [(0, 1.0), (1, 1.0), (0, 0.5), (1, 0.3)])
+def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed, visit_fraction):
     """destination_proxy="similarity": each visit scores only the cluster whose other
     members' summed delta is most similar to the adapter's (at the sweep's start), and
-    needs no cross losses."""
+    needs no cross losses. With visit_fraction < 1 only the adapters whose best other
+    cluster beats their own by the widest cosine margin are visited."""
     groups = (0, 1, 2) * 4
     objective = WithoutCrossLosses(PairwiseObjective(groups, seed=seed))
     library = planted_library(groups=groups, seed=seed, noise=0.3)
@@ -474,19 +475,28 @@ def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed):
             return ClusteringResult("given", start.copy(), k)
 
     search = From(
-        mode="sweep", max_iters=1, destinations=1, task_loss="nll", destination_proxy="similarity"
+        mode="sweep",
+        max_iters=1,
+        destinations=1,
+        task_loss="nll",
+        destination_proxy="similarity",
+        visit_fraction=visit_fraction,
     )
     got = search.fit(library, 3, seed, objective, progress=False)
     deltas = dense_deltas(library)
-    assign = start.copy()
-    for i in np.random.default_rng([seed, 1]).permutation(12):
-        if (assign == assign[i]).sum() == 1:
-            continue
-        cosines = []
+    cosines = np.zeros((12, 3))
+    for i in range(12):
         for c in range(3):
             others = deltas[(start == c) & (np.arange(12) != i)].sum(0)
-            cosines.append(others @ deltas[i] / np.linalg.norm(others) / np.linalg.norm(deltas[i]))
-        b = next(int(c) for c in np.argsort(-np.array(cosines), kind="stable") if c != assign[i])
+            norm = np.linalg.norm(others) * np.linalg.norm(deltas[i])
+            cosines[i, c] = others @ deltas[i] / norm if norm > 0 else 0.0
+    margin = [max(np.delete(cosines[i], start[i])) - cosines[i, start[i]] for i in range(12)]
+    visited = set(np.argsort(-np.array(margin), kind="stable")[: int(np.ceil(visit_fraction * 12))])
+    assign = start.copy()
+    for i in np.random.default_rng([seed, 1]).permutation(12):
+        if (assign == assign[i]).sum() == 1 or i not in visited:
+            continue
+        b = next(int(c) for c in np.argsort(-cosines[i], kind="stable") if c != assign[i])
         moved = assign.copy()
         moved[i] = b
         before = objective_value(objective.inner, assign, 3)
@@ -494,7 +504,13 @@ def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed):
             assign = moved
     np.testing.assert_array_equal(got.assign, assign)
     assert got.info["destination_proxy"] == "similarity"
+    assert got.info["visit_fraction"] == visit_fraction
     with pytest.raises(ValueError, match="cross_losses"):
         From(mode="sweep", destinations=1).fit(library, 3, seed, objective, progress=False)
     with pytest.raises(ValueError, match="destination_proxy"):
         D2CClustering(destination_proxy="gradient")
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="visit_fraction"):
+            D2CClustering(visit_fraction=bad)
+    with pytest.raises(ValueError, match="needs mode='sweep' with destinations > 0"):
+        D2CClustering(destinations=0, visit_fraction=0.5)

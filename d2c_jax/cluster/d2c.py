@@ -238,6 +238,20 @@ def similarity_ranking(gram: np.ndarray, assign: np.ndarray, k: int) -> np.ndarr
     return -np.where(norm > 0, inner / np.where(norm > 0, norm, 1.0), 0.0)
 
 
+def least_settled(ranking: np.ndarray, assign: np.ndarray, count: int) -> np.ndarray:
+    """``[N]`` bool: the `count` adapters whose own cluster the proxy rates worst
+    relative to their best other cluster (``ranking [K, N]``, lower: more promising;
+    margin = own score - best other score, highest first; ties: lower index)."""
+    n = assign.shape[0]
+    own = ranking[assign, np.arange(n)]
+    others = ranking.copy()
+    others[assign, np.arange(n)] = np.inf
+    margin = own - others.min(0)
+    chosen = np.zeros(n, bool)
+    chosen[np.argsort(-margin, kind="stable")[:count]] = True
+    return chosen
+
+
 def promising_destinations(losses: np.ndarray, current: int, m: int) -> np.ndarray:
     """``losses [K]`` (a task's loss under each cluster's merge) -> ``[K]`` bool: the m
     clusters other than `current` with the lowest loss (ties: lower index)."""
@@ -271,6 +285,11 @@ class D2CClustering:
         task evaluations per sweep) or ``similarity`` (cosine of the adapter's delta with
         the summed delta of each cluster's other members, `similarity_ranking`: no
         evaluation, for libraries where K x N evaluations cost more than the sweep).
+      visit_fraction: the fraction of adapters a sweep visits (needs M > 0): the
+        ceil(fraction * N) that the destination proxy finds least settled (`least_settled`,
+        at the sweep's start), in the seeded order; 1.0 (default) visits every adapter.
+        Fewer visits for less time: at N = 1000 a visit is two member sets of the real
+        model (docs/ARCHITECTURE.md, Performance); the quality cost is in the ablation.
       screen_top: M > 0 turns on first-order screening (``best`` mode only): only the
         M best-estimated moves (plus the reliability sample) are scored exactly.
       screen_sample: moves scored exactly at random to check the estimate's ranking.
@@ -289,6 +308,7 @@ class D2CClustering:
     mbc: MBCClustering = MBCClustering()
     destinations: int | None = None
     destination_proxy: str = "loss"
+    visit_fraction: float = 1.0
     screen_top: int = 0
     screen_sample: int = 16
     screen_min_corr: float = 0.5
@@ -306,6 +326,15 @@ class D2CClustering:
             raise ValueError("destinations must be >= 0")
         if self.destinations and self.mode != "sweep":
             raise ValueError("destinations (M > 0) needs mode='sweep'")
+        if not 0 < self.visit_fraction <= 1:
+            raise ValueError(
+                f"visit_fraction (--visit-fraction) must be in (0, 1], got {self.visit_fraction}"
+            )
+        if self.visit_fraction < 1 and not self.sweep_destinations:
+            raise ValueError(
+                "visit_fraction < 1 (--visit-fraction) ranks adapters by the destination "
+                "proxy: it needs mode='sweep' with destinations > 0 (--destinations)"
+            )
         if self.destination_proxy not in PROXIES:
             raise ValueError(
                 f"destination_proxy must be one of {', '.join(PROXIES)}, "
@@ -484,6 +513,7 @@ class D2CClustering:
                 "screen_top": self.screen_top,
                 "destinations": self.sweep_destinations,
                 "destination_proxy": self.destination_proxy if self.sweep_destinations else None,
+                "visit_fraction": self.visit_fraction,
             },
         )
 
@@ -520,6 +550,9 @@ class D2CClustering:
         elif self.sweep_destinations:
             ranking = similarity_ranking(gram, assign, k)
         order = np.random.default_rng([seed, iteration]).permutation(n)
+        if self.visit_fraction < 1:
+            count = int(np.ceil(self.visit_fraction * n))
+            order = order[least_settled(ranking, assign, count)[order]]
         # A sweep over a large library takes many minutes: show each visit, with ETA.
         visits = tqdm(
             order, desc=f"sweep {iteration}", unit="adapter", leave=False, disable=not progress

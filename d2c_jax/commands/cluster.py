@@ -37,6 +37,7 @@ from d2c_jax.commands.checks import (
     check_jsonl,
     check_out,
     correlation,
+    fraction,
     nonnegative_float,
     nonnegative_int,
     positive_int,
@@ -135,6 +136,14 @@ def add_parser(subparsers) -> None:
         "under each current merge: K x N task evaluations per sweep) or similarity (cosine "
         "of its delta with each cluster's summed delta: no evaluation; for large libraries) "
         f"(default: {d2c.destination_proxy})",
+    )
+    parser.add_argument(
+        "--visit-fraction",
+        type=fraction,
+        default=d2c.visit_fraction,
+        help="d2c sweep mode with M > 0: visit only this fraction of the adapters, those the "
+        "destination proxy finds least settled (fewer visits, less time; quality cost in "
+        f"docs/RESULTS.md) (default: {d2c.visit_fraction:g}, every adapter)",
     )
     parser.add_argument(
         "--tol",
@@ -250,6 +259,7 @@ def _settings(args: argparse.Namespace, job, library_dir: Path, tasks_dir: Path)
             if args.destination_proxy != "loss"
             else {}
         ),
+        **({"visit_fraction": args.visit_fraction} if args.visit_fraction != 1 else {}),
         "tol": args.tol,
         "task_loss": args.task_loss,
         "score_deployed": args.score_deployed,
