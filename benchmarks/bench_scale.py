@@ -47,7 +47,9 @@ the stage's start), and each N runs in its own subprocess whose
 Roofline (same run): NumPy float32 matmul peak (2048^3) and copy bandwidth
 (`benchmarks.common.memory_bandwidth`) are measured; the scoring kernel is timed on
 a random-weight model of SmolLM2-135M's shape (2 candidates, 2 packed rows of 128
-tokens each, dense q,v deltas) against its FLOP count, and the delta-space merge
+tokens each, dense q,v deltas) against its executed FLOP count (a dense delta is
+folded into its weight, `kernels.lora.lora_linear`: d_out * d_in adds per matrix and
+candidate, no second GEMM), and the delta-space merge
 against the bytes it must move at least: read the N adapters' factors and write the K
 merged deltas. Each stage's growth with N is fitted as ``seconds ~ N^b`` (least squares
 on log-log, ``exponents`` in the JSON).
@@ -84,6 +86,9 @@ DENSITY = 0.2
 FULL_SIZES = (40, 160, 640, 1000)
 QUICK_SIZES = (40, 160)
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# Sweep-visit fractions whose real-model iteration time is estimated (the ablation of
+# docs/RESULTS.md measures their quality at N = 40).
+VISIT_FRACTIONS = (1.0, 0.75, 0.5)
 
 
 # ---------------------------------------------------------------------- memory
@@ -400,7 +405,8 @@ def real_model_visits(library, k: int, visits: int) -> dict:
     unstructured random adapters puts most of them in one cluster, which no real
     library does). Each visit scores the mover's source set and one destination set
     (a seeded random one: the cost does not depend on which). The iteration's time is
-    extrapolated to N visits plus the K current clusters. The proxy that picks the
+    extrapolated to N visits plus the K current clusters, and to ceil(f N) visits for
+    each `VISIT_FRACTIONS` f (``--visit-fraction``). The proxy that picks the
     destination in the engine, every task's loss under every current merge
     (`CachedObjective.cross_losses`), costs K x N task evaluations per sweep: reported
     from the measured seconds per task evaluation.
@@ -449,6 +455,9 @@ def real_model_visits(library, k: int, visits: int) -> dict:
     task_evaluations = int(sum(pair.sum() for pair in sets))
     per_task = seconds / task_evaluations
     per_visit = seconds / len(sets)
+    # N visits (ceil(f N) with `D2CClustering.visit_fraction` f), plus the K current
+    # clusters (N task evaluations) at the start
+    estimate = lambda f: round(np.ceil(f * n) * per_visit + n * per_task, 1)
     return {
         "model": base.name,
         "examples_per_task": 10,
@@ -457,8 +466,10 @@ def real_model_visits(library, k: int, visits: int) -> dict:
         "seconds_measured": round(seconds, 2),
         "seconds_per_visit": round(per_visit, 2),
         "seconds_per_task_evaluation": round(per_task, 3),
-        # N visits, plus the K current clusters (N task evaluations) at the start
-        "iteration_seconds_estimate": round(n * per_visit + n * per_task, 1),
+        "iteration_seconds_estimate": estimate(1.0),
+        "iteration_seconds_estimate_by_visit_fraction": {
+            str(f): estimate(f) for f in VISIT_FRACTIONS
+        },
         "proxy_task_evaluations": n * k,
         "proxy_seconds_estimate": round(n * k * per_task, 1),
     }
@@ -537,7 +548,7 @@ def scoring_roofline(repeat: int) -> dict:
             for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
         )
     )
-    delta = 2 * LAYERS * sum(o * i for o, i in MODULE_SHAPES.values())
+    fold = LAYERS * sum(o * i for o, i in MODULE_SHAPES.values())  # W + delta, per candidate
     attention = (
         2
         * 2
@@ -548,7 +559,7 @@ def scoring_roofline(repeat: int) -> dict:
         * row_len**2
     )
     head = 2 * config.vocab_size * HIDDEN
-    flops = computed * (trunk + delta) + attention + label_positions * head
+    flops = computed * trunk + fold + attention + label_positions * head
     jax.clear_caches()
     return {
         "model": "random weights of SmolLM2-135M's shape, float32, dense q,v deltas",
@@ -559,7 +570,7 @@ def scoring_roofline(repeat: int) -> dict:
         "gflop_per_candidate": round(flops / 1e9, 2),
         "gflop_breakdown": {
             "trunk": round(computed * trunk / 1e9, 2),
-            "dense_delta": round(computed * delta / 1e9, 2),
+            "delta_fold_adds": round(fold / 1e9, 3),
             "attention_full_rows": round(attention / 1e9, 2),
             "lm_head_at_labels": round(label_positions * head / 1e9, 2),
         },
