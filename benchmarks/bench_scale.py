@@ -89,6 +89,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 # Sweep-visit fractions whose real-model iteration time is estimated (the ablation of
 # docs/RESULTS.md measures their quality at N = 40).
 VISIT_FRACTIONS = (1.0, 0.75, 0.5)
+REAL_EXAMPLES = 10  # dev examples per task in the real-model stages
 
 
 # ---------------------------------------------------------------------- memory
@@ -396,6 +397,24 @@ def d2c_iteration(n: int, k: int, max_sets: int) -> dict:
     }
 
 
+def real_model_objective(library):
+    """``(base, DevObjective)``: the embedded SmolLM2-135M and 10 real dev examples per
+    task, adapter j of a synthetic library standing for suite task ``j mod 40``."""
+    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
+    from d2c_jax.merging import DEFAULT_MERGE
+    from d2c_jax.models import load_base
+    from d2c_jax.tasks import list_tasks, load_split
+
+    base = load_base("default")
+    tasks = list_tasks()
+    examples = {
+        name: load_split(None, tasks[j % len(tasks)], "dev")[:REAL_EXAMPLES]
+        for j, name in enumerate(library.names)
+    }
+    config = ObjectiveConfig(candidates_per_call=2)  # a visit scores two member sets
+    return base, DevObjective(base, library, examples, DEFAULT_MERGE, config)
+
+
 def real_model_visits(library, k: int, visits: int) -> dict:
     """Sweep visits of D2C's default (``destinations`` = 1) with the embedded
     SmolLM2-135M and 10 real dev examples per task.
@@ -413,24 +432,12 @@ def real_model_visits(library, k: int, visits: int) -> dict:
     """
     from d2c_jax.cluster import membership_mask
     from d2c_jax.cluster.d2c import CachedObjective
-    from d2c_jax.cluster.objective import DevObjective, ObjectiveConfig
-    from d2c_jax.merging import DEFAULT_MERGE
-    from d2c_jax.models import load_base
-    from d2c_jax.tasks import list_tasks, load_split
 
     try:
-        base = load_base("default")
+        base, objective = real_model_objective(library)
     except (FileNotFoundError, ImportError, ValueError) as err:
         return {"skipped": f"embedded model unavailable: {err}"}
-    tasks = list_tasks()
     n = library.num_adapters
-    examples = {
-        name: load_split(None, tasks[j % len(tasks)], "dev")[:10]
-        for j, name in enumerate(library.names)
-    }
-    objective = DevObjective(
-        base, library, examples, DEFAULT_MERGE, ObjectiveConfig(candidates_per_call=2)
-    )
     rng = np.random.default_rng(n)
     assign = rng.permutation(np.arange(n) % k)
     current = membership_mask(assign, k)
@@ -460,7 +467,7 @@ def real_model_visits(library, k: int, visits: int) -> dict:
     estimate = lambda f: round(np.ceil(f * n) * per_visit + n * per_task, 1)
     return {
         "model": base.name,
-        "examples_per_task": 10,
+        "examples_per_task": REAL_EXAMPLES,
         "visits_timed": len(sets),
         "task_evaluations": task_evaluations,
         "seconds_measured": round(seconds, 2),
