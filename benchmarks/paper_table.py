@@ -67,6 +67,16 @@ DATA_FREE = ("random", "kmeans", "mbc", "kmerge")
 # D2C variants compared on the validation slice (docs/RESULTS.md, ablation): name ->
 # settings of `d2c_jax.cluster.D2CClustering`. "d2c" is what `d2c cluster --method d2c`
 # runs with no flags (`D2CClustering()`); the others are the variants tried, losers kept.
+# The large-library search (one destination ranked by parameter similarity), which the
+# visit-fraction variants prune further.
+M1_SIMILARITY: dict[str, Any] = {
+    "init": "best",
+    "mode": "sweep",
+    "max_iters": 1,
+    "task_loss": "likelihood",
+    "destinations": 1,
+    "destination_proxy": "similarity",
+}
 D2C_VARIANTS: dict[str, dict[str, Any]] = {
     "d2c": {},
     "d2c_kmeans_nll_sweep": {
@@ -111,32 +121,9 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "task_loss": "likelihood",
         "destinations": 1,
     },
-    "d2c_best_likelihood_sweep_m1_similarity": {
-        "init": "best",
-        "mode": "sweep",
-        "max_iters": 1,
-        "task_loss": "likelihood",
-        "destinations": 1,
-        "destination_proxy": "similarity",
-    },
-    "d2c_best_likelihood_sweep_m1_similarity_visit75": {
-        "init": "best",
-        "mode": "sweep",
-        "max_iters": 1,
-        "task_loss": "likelihood",
-        "destinations": 1,
-        "destination_proxy": "similarity",
-        "visit_fraction": 0.75,
-    },
-    "d2c_best_likelihood_sweep_m1_similarity_visit50": {
-        "init": "best",
-        "mode": "sweep",
-        "max_iters": 1,
-        "task_loss": "likelihood",
-        "destinations": 1,
-        "destination_proxy": "similarity",
-        "visit_fraction": 0.5,
-    },
+    "d2c_best_likelihood_sweep_m1_similarity": M1_SIMILARITY,
+    "d2c_best_likelihood_sweep_m1_similarity_visit75": {**M1_SIMILARITY, "visit_fraction": 0.75},
+    "d2c_best_likelihood_sweep_m1_similarity_visit50": {**M1_SIMILARITY, "visit_fraction": 0.5},
     "d2c_best_nll_sweep_m1": {
         "init": "best",
         "mode": "sweep",

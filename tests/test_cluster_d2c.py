@@ -432,18 +432,25 @@ def dense_deltas(library) -> np.ndarray:
     return scale[:, None] * np.concatenate(parts, axis=1)
 
 
+def reference_cosines(deltas: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:
+    """``[K, N]`` cosine of each adapter's delta with the summed delta of each cluster's
+    other members (0 where either is zero), in a plain loop."""
+    n = len(assign)
+    cosines = np.zeros((k, n))
+    for c in range(k):
+        for i in range(n):
+            others = deltas[(assign == c) & (np.arange(n) != i)].sum(0)
+            norm = np.linalg.norm(others) * np.linalg.norm(deltas[i])
+            cosines[c, i] = others @ deltas[i] / norm if norm > 0 else 0.0
+    return cosines
+
+
 def test_similarity_ranking_is_the_cosine_with_the_other_members_sum():
     from d2c_jax.cluster.parameter import library_delta_gram
 
     library = planted_library(groups=(0, 1, 2, 0, 1, 2, 0, 1), seed=3, noise=0.5)
     assign = np.array([0, 0, 1, 1, 2, 2, 2, 0])
-    deltas = dense_deltas(library)
-    expected = np.zeros((3, 8))
-    for c in range(3):
-        for i in range(8):
-            others = deltas[(assign == c) & (np.arange(8) != i)].sum(0)
-            norm = np.linalg.norm(others) * np.linalg.norm(deltas[i])
-            expected[c, i] = others @ deltas[i] / norm if norm > 0 else 0.0
+    expected = reference_cosines(dense_deltas(library), assign, 3)
     got = -d2c.similarity_ranking(np.asarray(library_delta_gram(library)), assign, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
@@ -483,13 +490,7 @@ def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed, v
         visit_fraction=visit_fraction,
     )
     got = search.fit(library, 3, seed, objective, progress=False)
-    deltas = dense_deltas(library)
-    cosines = np.zeros((12, 3))
-    for i in range(12):
-        for c in range(3):
-            others = deltas[(start == c) & (np.arange(12) != i)].sum(0)
-            norm = np.linalg.norm(others) * np.linalg.norm(deltas[i])
-            cosines[i, c] = others @ deltas[i] / norm if norm > 0 else 0.0
+    cosines = reference_cosines(dense_deltas(library), start, 3).T  # [N, K]
     margin = [max(np.delete(cosines[i], start[i])) - cosines[i, start[i]] for i in range(12)]
     visited = set(np.argsort(-np.array(margin), kind="stable")[: int(np.ceil(visit_fraction * 12))])
     assign = start.copy()
