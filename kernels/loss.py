@@ -36,9 +36,14 @@ def token_nll(
     head: jax.Array,
     labels: jax.Array,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """``-log softmax(hidden @ head^T)[label]`` for ``hidden [N, d]``, ``head [V, d]``,
-    ``labels [N]`` -> ``[N]`` float32, computed over vocabulary chunks."""
+    ``labels [N]`` -> ``[N]`` float32, computed over vocabulary chunks.
+
+    ``softcap > 0`` caps every logit as ``softcap * tanh(logit / softcap)`` first (Gemma 2's
+    final logit soft-capping)."""
+    cap = lambda z: z if softcap <= 0 else softcap * jnp.tanh(z / softcap)
     vocab, dim = head.shape
     n_chunks, size = _chunking(vocab, vocab_chunk)
     padded = n_chunks * size
@@ -52,7 +57,9 @@ def token_nll(
     def body(carry, xs):
         running_max, running_sum = carry
         w, start = xs
-        logits = jnp.einsum("nd,vd->nv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = cap(
+            jnp.einsum("nd,vd->nv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        )
         if padded != vocab:
             valid = (start + jnp.arange(size)) < vocab
             logits = jnp.where(valid[None, :], logits, -jnp.inf)
@@ -68,8 +75,8 @@ def token_nll(
         (running_max, running_sum), _ = body(init, (chunks[0], starts[0]))
     else:
         (running_max, running_sum), _ = jax.lax.scan(body, init, (chunks, starts))
-    target = jnp.einsum(
-        "nd,nd->n", h, head[labels].astype(h.dtype), preferred_element_type=jnp.float32
+    target = cap(
+        jnp.einsum("nd,nd->n", h, head[labels].astype(h.dtype), preferred_element_type=jnp.float32)
     )
     return running_max + jnp.log(running_sum) - target
 
@@ -96,6 +103,7 @@ def label_nll(
     max_labels: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     final_norm=None,
+    softcap: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """NLL of the labels of each row: ``(nll [B, P], valid [B, P], position [B, P])``.
 
@@ -116,7 +124,8 @@ def label_nll(
     if final_norm is not None:
         h = final_norm(h)
     p = h.shape[1]
-    nll = token_nll(h.reshape(b * p, d), head, labels.reshape(b * p), vocab_chunk).reshape(b, p)
+    flat = h.reshape(b * p, d)
+    nll = token_nll(flat, head, labels.reshape(b * p), vocab_chunk, softcap).reshape(b, p)
     return jnp.where(mask, nll, 0.0), mask, pos
 
 
@@ -129,6 +138,7 @@ def masked_example_nll(
     max_labels: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     final_norm=None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Per-example mean label NLL ``[M]`` (float32).
 
@@ -154,6 +164,7 @@ def masked_example_nll(
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
         final_norm=final_norm,
+        softcap=softcap,
     )
     count = valid.sum(axis=1).astype(jnp.float32)
     return nll.sum(axis=1) / jnp.maximum(count, 1.0)
@@ -170,6 +181,7 @@ def packed_example_nll(
     max_labels: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
     final_norm=None,
+    softcap: float = 0.0,
 ) -> jax.Array:
     """Per-example mean label NLL ``[num_examples]`` of *packed* rows.
 
@@ -185,6 +197,7 @@ def packed_example_nll(
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
         final_norm=final_norm,
+        softcap=softcap,
     )
     slot = jnp.take_along_axis(slots[:, 1:], pos, axis=1)
     slot = jnp.where(valid, slot, num_examples).reshape(-1)
