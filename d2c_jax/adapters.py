@@ -57,20 +57,14 @@ def as_single_adapter(adapter, scale=None):
 def check_adapter_for_base(base, library) -> None:
     """Raise ValueError if an adapter library was made for another base model.
 
-    Shapes (layers, d_in, d_out of every module) must match; and if the library records
-    a ``base_model`` it must name the same model (`d2c_jax.models.same_base_model`: the
-    base's name, source or the known name of its weights fingerprint, compared by the
-    last path component, case-insensitive).
+    Shapes (layers, d_in, d_out of every module) must match; and the base the library
+    records (``base_model``) must be the same model by weights fingerprint whenever it
+    can be read (`d2c_jax.models.identity.check_same_base`; an unreadable one whose
+    name differs is only a warning).
     """
-    from d2c_jax.models import same_base_model
+    from d2c_jax.models.identity import check_same_base
 
-    recorded = getattr(library, "base_model", None)
-    if base.name:
-        if not same_base_model(base, recorded):
-            raise ValueError(
-                f"the adapter was trained for base model {recorded!r}, but the base model is "
-                f"{base.name!r} ({base.source})"
-            )
+    check_same_base(base, getattr(library, "base_model", None))
     try:
         check_adapter(base.config, library.params)
     except ValueError as err:

@@ -6,7 +6,10 @@ sets `func`) so that this file only wires them together.
 Errors in the user's input (the project's own `ValueError` subclasses, other
 ``ValueError`` and ``OSError``) are printed as one line ``d2c CMD: error: ...`` with
 exit status 2; ``--debug`` (or ``D2C_DEBUG=1``) shows the traceback instead. Any
-other exception is a bug and keeps its traceback.
+other exception is a bug and keeps its traceback. Ctrl-C and SIGTERM interrupt a
+command the same way (it undoes its half-written output), with exit status 130 or
+143. Warnings about the inputs (`d2c_jax.models.identity.BaseModelWarning`) print as
+one line ``d2c CMD: warning: ...``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import warnings
 
 # Subcommand modules, in the order `d2c --help` lists them.
 COMMANDS = ("merge", "score", "generate", "train", "cluster", "evaluate", "export")
@@ -89,22 +94,45 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+def _one_line_warning(command: str):
+    """A `warnings.showwarning` that prints our own warnings as ``d2c CMD: warning: ...``
+    (no file and line: they are about the user's inputs, not the code)."""
+    from d2c_jax.models.identity import BaseModelWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, BaseModelWarning):
+            print(f"d2c {command}: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
+    from d2c_jax.commands.outdir import Terminated, terminate_as_interrupt
+
     # transformers warns at import that PyTorch is missing, which d2c never needs.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("D2C_DEBUG", "") not in ("", "0")
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings(), terminate_as_interrupt():
+            warnings.showwarning = _one_line_warning(args.command)
+            return int(args.func(args) or 0)
     except (ValueError, OSError) as err:
         if debug:
             raise
         print(f"d2c {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
+        if isinstance(err, Terminated):
+            print(f"d2c {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"d2c {args.command}: interrupted", file=sys.stderr)
         return 130
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from d2c_jax.adapters import as_single_adapter, check_adapter_for_base, is_dense, num_stacked
+from d2c_jax.models.identity import BaseModelWarning
 
 
 def test_adapter_for_another_base(tiny_base, make_lora, make_tiny_config):
@@ -13,13 +14,26 @@ def test_adapter_for_another_base(tiny_base, make_lora, make_tiny_config):
         params = make_lora(tiny_base.config, n=1)
         base_model = "someone/other-model"
 
-    with pytest.raises(ValueError, match="trained for base model 'someone/other-model'"):
-        check_adapter_for_base(tiny_base, Lib)
+    with pytest.warns(BaseModelWarning, match="'someone/other-model', which cannot be read"):
+        check_adapter_for_base(tiny_base, Lib)  # an unreadable recorded base: names warn
     Lib.base_model = "org/TINY-LLAMA"  # same repo name, case-insensitive
     check_adapter_for_base(tiny_base, Lib)
     Lib.params = make_lora(make_tiny_config(hidden_size=32, head_dim=8), n=1)
     with pytest.raises(ValueError, match="does not fit"):
         check_adapter_for_base(tiny_base, Lib)
+
+
+def test_a_readable_recorded_base_is_compared_by_weights(
+    tiny_base, tiny_hf_dir, make_lora, make_tiny_base
+):
+    class Lib:
+        params = make_lora(tiny_base.config, n=1)
+        base_model = str(tiny_hf_dir)  # tiny_base's weights, another name
+
+    check_adapter_for_base(tiny_base, Lib)
+    other = make_tiny_base(seed=1)  # same name "tiny-llama", other weights
+    with pytest.raises(ValueError, match=r"fingerprint \w+\), but .* a different model"):
+        check_adapter_for_base(other, Lib)
 
 
 def test_as_single_adapter_forms(tiny_base, make_lora):

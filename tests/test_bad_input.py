@@ -170,6 +170,87 @@ def _corrupt_settings(root: Path) -> None:
     (out / ".search" / "settings.json").write_text("{not json")
 
 
+def _library_for_path(root: Path) -> None:
+    """lib_by_path/: the library, recording the world's base by its path (as `d2c
+    train --base DIR` records a directory without a hub name)."""
+    target = root / "lib_by_path"
+    if target.exists():
+        return
+    shutil.copytree(root / "library", target)
+    for config_path in target.glob("*/adapter_config.json"):
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(root / "base")
+        config_path.write_text(json.dumps(config))
+
+
+def _base_weights(root: Path, shift: float):
+    from d2c_jax.models.hf import load_hf_weights
+
+    config, weights = load_hf_weights(root / "base")
+    weights["embed"] = np.asarray(weights["embed"]) + shift
+    return config, weights
+
+
+def _other_model(name: str, *, shift: float = 0.5, hub_name: str = "tiny-llama"):
+    """An HF base at `name`: the world's base with shifted embeddings (shift 0: the same
+    weights) under the hub name `hub_name`."""
+
+    def setup(root: Path) -> None:
+        from d2c_jax.models.hf import save_hf_weights
+
+        target = root / name
+        if target.exists():
+            return
+        shutil.copytree(root / "base", target)
+        config, weights = _base_weights(root, shift)
+        for path in target.glob("*.safetensors"):
+            path.unlink()
+        save_hf_weights(target, config, weights, extra_config={"_name_or_path": hub_name})
+
+    return setup
+
+
+def _gguf_base(name: str, *, shift: float):
+    """A llama.cpp GGUF of the world's base (embeddings shifted by `shift`)."""
+
+    def setup(root: Path) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        from tests.conftest import write_tiny_gguf
+
+        target = root / name
+        if target.exists():
+            return
+        config, weights = _base_weights(root, shift)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(root / "base"))
+        write_tiny_gguf(target, config, weights, tokenizer)
+
+    return setup
+
+
+def _each(*setups):
+    def setup(root: Path) -> None:
+        for one in setups:
+            one(root)
+
+    return setup
+
+
+_OTHER_MODEL = _each(_library_for_path, _other_model("other/base"))
+
+
+def _with_notes(previous: str, name: str):
+    """`name`: a copy of the previous output `previous` holding a user's notes.txt."""
+
+    def setup(root: Path) -> None:
+        target = root / name
+        if not target.exists():
+            shutil.copytree(root / previous, target)
+            (target / "notes.txt").write_text("my notes\n")
+
+    return setup
+
+
 LIB = ["--adapters", "{R}/library"]
 MERGE = ["merge", *LIB, "--method", "ties", "--density", "0.5"]
 SCORE = ["score", "--base", "{R}/base", "--examples", "{R}/score.jsonl"]
@@ -244,7 +325,7 @@ CASES = [
     ("score-base-not-gguf", _with(SCORE, "--base", "{R}/plain.txt"), "is not a .gguf file", None),
     ("score-base-corrupt-gguf", _with(SCORE, "--base", "{R}/fake.gguf"), "not a readable GGUF", _write("fake.gguf", "GGUF but not really")),
     ("score-adapter-missing", [*SCORE, "--adapter", "{R}/nope"], "nope", None),
-    ("score-adapter-other-base", [*_with(SCORE, "--base", "{R}/other_base"), "--adapter", "{R}/library/t0"], "'tiny-llama'", _copy_base("other_base", config={"_name_or_path": "someone/other-model"})),
+    ("score-adapter-other-model-same-dir-name", [*_with(SCORE, "--base", "{R}/other/base"), "--adapter", "{R}/lib_by_path/t0"], "(weights fingerprint", _OTHER_MODEL),
     # ---- generate
     ("generate-max-new-tokens-0", [*GEN, "--max-new-tokens", "0"], "argument --max-new-tokens", None),
     ("generate-max-new-tokens-negative", [*GEN, "--max-new-tokens", "-3"], "argument --max-new-tokens", None),
@@ -297,7 +378,9 @@ CASES = [
     ("cluster-budget-0", _with(CLUSTER, "--budget", "0"), "budget", None),
     ("cluster-budget-too-big", _with(CLUSTER, "--budget", "9"), "budget", None),
     ("cluster-dev-not-utf8", _with(CLUSTER, "--examples", "{R}/ex_latin1"), "dev.jsonl:2: not valid UTF-8", _bad_utf8("ex_latin1/t0/dev.jsonl")),
-    ("cluster-other-base", _with(CLUSTER, "--base", "{R}/other_base"), "'someone/other-model'", _copy_base("other_base", config={"_name_or_path": "someone/other-model"})),
+    ("cluster-other-model-same-dir-name", _with(_with(CLUSTER, "--base", "{R}/other/base"), "--library", "{R}/lib_by_path"), "a different model", _OTHER_MODEL),
+    ("cluster-force-keeps-user-file", [*_with(CLUSTER, "--out", "{R}/clustered_notes"), "--force"], "did not write (notes.txt)", _with_notes("clustered", "clustered_notes")),
+    ("merge-force-keeps-user-file", [*MERGE, "--out", "{R}/merged_notes", "--force"], "did not write (notes.txt)", _with_notes("merged", "merged_notes")),
     # ---- evaluate
     ("evaluate-assignment-missing", [*EVAL, "--assignment", "{R}/nope.json", "--out", "{R}/e.json"], "--assignment {R}/nope.json: no such file", None),
     ("evaluate-assignment-corrupt", [*EVAL, "--assignment", "{R}/bad_assign.json", "--out", "{R}/e.json"], "bad_assign.json: not valid JSON", _write("bad_assign.json", "{t0: 1")),
@@ -311,6 +394,10 @@ CASES = [
     ("evaluate-max-new-tokens-0", [*EVAL_DIR, "--max-new-tokens", "0", "--out", "{R}/e.json"], "argument --max-new-tokens", None),
     ("evaluate-tasks-missing", [*_with(EVAL_DIR, "--tasks", "{R}/nope"), "--out", "{R}/e.json"], "--tasks {R}/nope: no such directory", None),
     ("evaluate-split-dev", [*EVAL_DIR, "--split", "dev", "--out", "{R}/e.json"], "argument --split", None),
+    ("evaluate-other-model-same-dir-name", [*_with(EVAL_DIR, "--base", "{R}/other/base"), "--no-relative", "--out", "{R}/e.json"], "clustering --assignment {R}/clustered was made for base model '{R}/base'", _OTHER_MODEL),
+    ("evaluate-library-other-model", [*_with(_with(EVAL, "--base", "{R}/other/base"), "--library", "{R}/lib_by_path"), "--assignment", "{R}/clustered", "--out", "{R}/e.json"], "a different model", _OTHER_MODEL),
+    # ---- export
+    ("export-other-model", ["export", "--clusters", "{R}/clustered", "--base", "{R}/other.gguf", "--out", "{R}/ex"], "a different model", _gguf_base("other.gguf", shift=0.5)),
     ("evaluate-test-not-utf8", [*_with(EVAL_DIR, "--tasks", "{R}/ev_latin1"), "--no-relative", "--out", "{R}/e.json"], "test.jsonl:2: not valid UTF-8", _bad_utf8("ev_latin1/t0/test.jsonl")),
 ]  # fmt: skip
 
@@ -516,6 +603,7 @@ def test_same_base_is_decided_by_weights_not_by_display_name(world, tmp_path, mo
     from d2c_jax.library import AdapterLibrary
     from d2c_jax.models import KNOWN_BASES, load_base
     from d2c_jax.models.hf import load_hf_weights, save_hf_weights
+    from d2c_jax.models.identity import BaseModelWarning
 
     library = AdapterLibrary.load(world / "library")  # recorded for "tiny-llama"
     # An HF copy at another path, under another display name, in bfloat16.
@@ -535,8 +623,8 @@ def test_same_base_is_decided_by_weights_not_by_display_name(world, tmp_path, mo
     original = load_base(str(world / "base"))
     renamed = load_base(str(copy))
     assert renamed.fingerprint == original.fingerprint
-    with pytest.raises(ValueError, match="'tiny-llama'.*'someone/renamed'"):
-        check_adapter_for_base(renamed, library)  # an unknown fingerprint: names decide
+    with pytest.warns(BaseModelWarning, match="'tiny-llama'.*'someone/renamed'"):
+        check_adapter_for_base(renamed, library)  # an unreadable recorded base: names warn
     monkeypatch.setitem(KNOWN_BASES, original.fingerprint, "tiny-llama")
     renamed = load_base(str(copy))
     assert renamed.name == "tiny-llama"
@@ -549,6 +637,49 @@ def test_same_base_is_decided_by_weights_not_by_display_name(world, tmp_path, mo
         path.unlink()
     save_hf_weights(other, config, weights, extra_config={"_name_or_path": "other"})
     assert load_base(str(other)).fingerprint != original.fingerprint
+
+
+def _same_base_commands(root: Path, base: str, gguf: str) -> dict[str, list[str]]:
+    """score, cluster, evaluate and export, each against a `base` (and `gguf`)."""
+    return {
+        "score": [
+            *_fill(_with(SCORE, "--base", base), root),
+            "--adapter",
+            f"{root}/lib_by_path/t0",
+        ],
+        "cluster": cluster_args(root, root / "same_base_cl", "--method", "random") + ["--force"],
+        "evaluate": _fill([*_with(EVAL_DIR, "--base", base), "--no-relative"], root)
+        + ["--out", f"{root}/same_base_e.json"],
+        "export": ["export", "--clusters", f"{root}/clustered", "--base", gguf]
+        + ["--out", f"{root}/same_base_ex", "--force"],
+    }
+
+
+@pytest.mark.parametrize("command", ["score", "cluster", "evaluate", "export"])
+def test_an_identical_copy_under_another_name_is_the_same_base(world, capsys, command):
+    _each(_library_for_path, _other_model("base-copy2", shift=0.0, hub_name="someone/copy2"))(world)
+    _gguf_base("copy2.gguf", shift=0.0)(world)
+    argv = _same_base_commands(world, str(world / "base-copy2"), str(world / "copy2.gguf"))
+    argv = argv[command]
+    if command == "cluster":  # the library records the original base by its path
+        argv = _with(
+            _with(argv, "--base", str(world / "base-copy2")),
+            "--library",
+            str(world / "lib_by_path"),
+        )
+    rc, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert "warning" not in err and "error" not in err, err
+
+
+def test_an_unreadable_recorded_base_with_another_name_is_a_warning(world, capsys):
+    _other_model("renamed_base", shift=0.0, hub_name="someone/renamed")(world)
+    argv = [*_fill(_with(SCORE, "--base", "{R}/renamed_base"), world), "--adapter"]
+    rc, err = run_cli([*argv, str(world / "library" / "t0")], capsys)  # records "tiny-llama"
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("d2c score: warning: "), err
+    assert "'tiny-llama'" in warnings[0] and "cannot be read" in warnings[0]
 
 
 @pytest.mark.slow
@@ -632,3 +763,70 @@ def test_outputs_are_0644_and_valid_json(world, tmp_path):
     weights = world / "merged" / "adapter_model.safetensors"
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.json"]
+
+
+# ------------------------------------------------- the output directory is a transaction
+
+
+def test_a_locked_out_is_refused_with_the_holders_pid(world, tmp_path, capsys):
+    import os
+
+    from d2c_jax.commands.outdir import locked
+
+    out = tmp_path / "out"
+    with locked(out):  # another run (a second open file description) holds it
+        rc, err = run_cli(cluster_args(world, out, "--method", "random"), capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert f"being written by another d2c run (pid {os.getpid()})" in err
+    assert not out.exists()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(world, tmp_path):
+    from d2c_jax.commands.outdir import lock_path
+
+    out = tmp_path / "out"
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("999999999\n")  # no process holds its flock: killed with -9
+    assert main(cluster_args(world, out, "--method", "random")) == 0
+    assert not path.exists()
+
+
+def test_sigterm_during_force_restores_the_previous_output(world, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    import d2c_jax.cluster.output
+
+    out = tmp_path / "out"
+    shutil.copytree(world / "clustered", out)
+    before = tree_state(tmp_path)
+    monkeypatch.setattr(
+        d2c_jax.cluster.output,
+        "save_clusters",
+        lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM),
+    )
+    rc, err = run_cli([*cluster_args(world, out, "--method", "random"), "--force"], capsys)
+    assert rc == 143 and "terminated" in err and "Traceback" not in err
+    assert tree_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("new_run_finished", [False, True], ids=["unfinished", "finished"])
+def test_the_next_run_finishes_a_killed_force(world, tmp_path, capsys, new_run_finished):
+    """kill -9 of a --force run leaves the previous output in .OUT.replaced.*/OUT."""
+    out = tmp_path / "out"
+    aside = tmp_path / ".out.replaced.k9x2"
+    aside.mkdir()
+    shutil.copytree(world / "clustered", aside / "out")
+    if new_run_finished:
+        shutil.copytree(world / "clustered", out)
+    else:
+        (out / ".search").mkdir(parents=True)
+        (out / ".search" / "settings.json").write_text("{}")
+    argv = cluster_args(world, out, "--method", "random")
+    rc, err = run_cli([*argv, "--resume"], capsys)
+    assert rc == 0, err
+    assert "an interrupted --force run was found" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))  # noqa: E731
+    assert files(out) == files(world / "clustered")

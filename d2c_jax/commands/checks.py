@@ -240,3 +240,16 @@ def check_jsonl(path: str | os.PathLike, flag: str) -> None:
             except ValueError as err:
                 msg = getattr(err, "msg", str(err))
                 raise CommandError(f"{path}:{lineno}: malformed JSON ({msg})") from None
+
+
+def clustering_base(clusters: Path) -> tuple[str | None, str | None]:
+    """``(--base spec, weights fingerprint)`` a `d2c cluster` output records in its
+    manifest (either may be None: older outputs and data-free runs lack the latter)."""
+    manifest = read_json_object(clusters / "manifest.json") or {}
+    settings = manifest.get("settings")
+    spec = settings.get("base") if isinstance(settings, dict) else None
+    fingerprint = manifest.get("base_fingerprint")
+    return (
+        spec if isinstance(spec, str) and spec not in ("", "None") else None,
+        fingerprint if isinstance(fingerprint, str) else None,
+    )

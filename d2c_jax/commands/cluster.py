@@ -27,7 +27,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ from d2c_jax.commands.checks import (
     positive_int,
     read_json_object,
 )
+from d2c_jax.commands.outdir import locked, refuse_foreign
 from d2c_jax.library import write_json_atomic
 
 SETTINGS_NAME = "settings.json"
@@ -156,8 +159,10 @@ def add_parser(subparsers) -> None:
         choices=tuple(TASK_LOSSES),
         default=d2c.task_loss,
         help="d2c: per-task loss the objective averages: nll (mean dev NLL, D2C as "
-        "defined) or likelihood (1 - exp(-nll), bounded: a broken task cannot outweigh "
-        "working ones)",
+        "defined), likelihood (1 - exp(-nll), bounded: a broken task cannot outweigh "
+        "working ones), exact (share of dev examples not reproduced under teacher "
+        "forcing, likelihood as tie-break) or margin (1 - mean sigmoid of the target "
+        "logit minus the best other logit)",
     )
     parser.add_argument(
         "--score-deployed",
@@ -300,6 +305,44 @@ def remove_leftovers(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def is_ours(path: Path) -> bool:
+    """Whether `path` (an entry of OUT) is something `d2c cluster` writes."""
+    from d2c_jax.cluster.output import ASSIGNMENT_NAME
+    from d2c_jax.library import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
+
+    name = path.name
+    if name in (ASSIGNMENT_NAME, "log.jsonl", MANIFEST_NAME, SEARCH_DIR):
+        return True
+    if re.fullmatch(r"\.?cluster_\d+(\.\w+)?", name) and path.is_dir():
+        adapter_files = {CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_NAME}
+        return all(p.name in adapter_files or p.name.startswith(".") for p in path.iterdir())
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def recover_interrupted_force(out: Path) -> None:
+    """Finish what a killed ``--force`` run left beside OUT (call with OUT's lock held).
+
+    Such a run moved the previous output aside to ``.OUT.replaced.*/OUT``. If the new
+    run finished (OUT has a manifest), the previous output is deleted; otherwise the
+    previous output is put back in place of the unfinished one. Says which.
+    """
+    for aside in sorted(out.parent.glob(f".{out.name}.replaced.*")):
+        previous = aside / out.name
+        if not previous.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+            continue
+        if (out / MANIFEST_NAME).is_file():
+            shutil.rmtree(aside)
+            what = "deleted the output it replaced"
+        else:
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(previous, out)
+            shutil.rmtree(aside)
+            what = "put the previous output back"
+        print(f"d2c cluster: {out}: an interrupted --force run was found; {what}", file=sys.stderr)
+
+
 def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool) -> str:
     """Check OUT against the flags; returns "new", "resume", "finished" or "replace".
 
@@ -315,6 +358,7 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool)
             "refusing to touch it (choose another --out)"
         )
     if force:
+        refuse_foreign(out, "cluster", is_ours)
         return "replace"
     if not resume:
         raise FileExistsError(
@@ -457,6 +501,7 @@ def _check_out_on_writer(args, inputs, settings, writer: bool) -> tuple[Path, st
 
     def check() -> tuple[Path, str]:
         out = check_out(args.out, kind="dir", inputs=inputs)
+        recover_interrupted_force(out)
         return out, _prepare_out(out, settings, args.resume, args.force)
 
     if jax.process_count() == 1:
@@ -477,10 +522,7 @@ def _check_out_on_writer(args, inputs, settings, writer: bool) -> tuple[Path, st
 
 
 def run(args: argparse.Namespace) -> int:
-    import jax
-
     from d2c_jax import pipeline
-    from d2c_jax.cluster import resolve_budget
 
     writer = _start_distributed(args)
     job = job_from_args(args)
@@ -492,6 +534,17 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{flag} {job.tasks}: no such directory")
     base_path = None if str(args.base) == "default" else args.base
     inputs = [("--library", library_dir), (flag, examples_dir), ("--base", base_path)]
+    with locked(Path(args.out), enabled=writer):
+        return _run_locked(args, job, flag, settings, inputs, writer)
+
+
+def _run_locked(args, job, flag: str, settings, inputs, writer: bool) -> int:
+    """`run` once OUT's lock is held (by the process that writes OUT)."""
+    import jax
+
+    from d2c_jax import pipeline
+    from d2c_jax.cluster import resolve_budget
+
     out, state = _check_out_on_writer(args, inputs, settings, writer)
     if writer and state == "resume" and jax.process_count() > 1:
         print(f"--resume: multi-process runs keep no checkpoints; {out}'s search starts again")
@@ -542,7 +595,8 @@ def _write_run(out: Path, settings, state: str, job, library, k: int, objective)
         os.replace(tmp_log, out / "log.jsonl")
         # The manifest marks the run as finished (a killed run with a manifest is
         # recognised by --resume); the search state goes after it.
-        write_json_atomic(out / MANIFEST_NAME, _manifest(settings, record, library))
+        manifest = _manifest(settings, record, library, objective)
+        write_json_atomic(out / MANIFEST_NAME, manifest)
     except BaseException:
         _undo_out(out, state, aside, existed)
         raise
@@ -553,10 +607,13 @@ def _write_run(out: Path, settings, state: str, job, library, k: int, objective)
     return record
 
 
-def _manifest(settings: dict[str, Any], record, library) -> dict[str, Any]:
+def _manifest(settings: dict[str, Any], record, library, objective) -> dict[str, Any]:
     k = record.k
+    base = getattr(objective, "base", None)
     return {
         "settings": settings,
+        # The same-base rule of `d2c evaluate` and `d2c export` compares by it.
+        "base_fingerprint": getattr(base, "fingerprint", None),
         "k": k,
         "num_adapters": library.num_adapters,
         "method_settings": record.method_settings,

@@ -27,12 +27,14 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 from d2c_jax.commands.checks import (
     CommandError,
     check_jsonl,
     check_out,
+    clustering_base,
     positive_int,
     read_json_object,
     replaceable,
@@ -177,11 +179,22 @@ def resolve_adapters(args: argparse.Namespace, base, library):
     )
     from d2c_jax.commands.merge_args import merge_config_from_args
     from d2c_jax.evaluate import merged_task_adapters
+    from d2c_jax.models.identity import BaseModelWarning, check_same_base
 
     source: Path = args.assignment
     if source.is_dir():
         assignment, merged = load_clusters(source)
-        check_adapter_for_base(base, merged)
+        recorded, fingerprint = clustering_base(source)
+        by_weights = check_same_base(
+            base,
+            recorded,
+            recorded_fingerprint=fingerprint,
+            what=f"the clustering --assignment {source}",
+        )
+        with warnings.catch_warnings():
+            if by_weights:  # the merged adapters' recorded name adds nothing to the weights
+                warnings.simplefilter("ignore", BaseModelWarning)
+            check_adapter_for_base(base, merged)
         return (
             assignment,
             task_adapters(assignment, merged),

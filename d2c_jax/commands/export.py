@@ -8,9 +8,17 @@ Output directory layout (`d2c_jax.export`):
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
-from d2c_jax.commands.checks import CommandError, check_out, read_json_object, replaceable
+from d2c_jax.commands.checks import (
+    CommandError,
+    check_out,
+    clustering_base,
+    read_json_object,
+    replaceable,
+)
+from d2c_jax.commands.outdir import locked, refuse_foreign
 
 
 def add_parser(subparsers) -> None:
@@ -72,6 +80,12 @@ def is_export_output(out: Path) -> bool:
     return manifest is not None and {"routes", "adapters", "storage"} <= set(manifest)
 
 
+def _is_ours(path: Path) -> bool:
+    from d2c_jax.export import ROUTING_NAME
+
+    return path.name == ROUTING_NAME or re.fullmatch(r"cluster_\d+\.gguf", path.name) is not None
+
+
 def _recorded(clusters: Path, key: str) -> str | None:
     manifest = read_json_object(clusters / "manifest.json")
     settings = manifest.get("settings") if manifest else None
@@ -95,7 +109,38 @@ def _base_file(spec: str, flag: str) -> Path:
     return path
 
 
+def _check_same_base(base: Path, clusters: Path, recorded, fingerprint) -> None:
+    """The same-base rule (`d2c_jax.models.identity`) between the clustering's recorded
+    base and the device's GGUF, which is fingerprinted only if the two differ."""
+    from d2c_jax.models.identity import check_same_model, fingerprint_of
+
+    if recorded is None and fingerprint is None:
+        return
+    same_file = recorded is not None and _base_file_or_none(recorded) == base.resolve()
+    if same_file:
+        return
+    check_same_model(
+        (base.name, str(base), fingerprint_of(str(base))),
+        recorded,
+        recorded_fingerprint=fingerprint,
+        what=f"the clustering --clusters {clusters}",
+    )
+
+
+def _base_file_or_none(spec: str) -> Path | None:
+    try:
+        return _base_file(spec, "--base").resolve()
+    except (CommandError, OSError):
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
+    with locked(Path(args.out)):  # one writer of OUT at a time
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`run` with OUT's lock held."""
     from d2c_jax.cluster.output import ASSIGNMENT_NAME
     from d2c_jax.export import export_clusters
 
@@ -106,11 +151,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(
             f"--clusters {clusters}: no {ASSIGNMENT_NAME} (not a `d2c cluster` output)"
         )
+    recorded, fingerprint = clustering_base(clusters)
     if args.base is not None:
         base = _base_file(args.base, "--base")
+        _check_same_base(base, clusters, recorded, fingerprint)
     else:
-        recorded = _recorded(clusters, "base") or "default"
-        base = _base_file(recorded, f"--base (recorded in {clusters / 'manifest.json'})")
+        base = _base_file(
+            recorded or "default", f"--base (recorded in {clusters / 'manifest.json'})"
+        )
     library = args.library
     if library is not None and not Path(library).is_dir():
         raise CommandError(f"--library {library}: no such directory")
@@ -123,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         inputs=[("--clusters", clusters), ("--base", base), ("--library", library)],
     )
     force = replaceable(out, command="export", is_output=is_export_output, force=args.force)
+    if force:
+        refuse_foreign(out, "export", _is_ours)
     manifest = export_clusters(
         clusters, out, base, library_dir=library, dtype=args.dtype, overwrite=force
     )

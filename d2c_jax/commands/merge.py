@@ -8,6 +8,7 @@ from pathlib import Path
 
 from d2c_jax.commands.checks import check_out, read_json_object, replaceable
 from d2c_jax.commands.merge_args import add_merge_arguments, merge_config_from_args
+from d2c_jax.commands.outdir import locked, refuse_foreign
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -59,6 +60,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with locked(Path(args.out)):  # one writer of OUT at a time
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`run` with OUT's lock held."""
     import jax.numpy as jnp
 
     from d2c_jax.library import AdapterLibrary, atomic_directory, write_peft_files
@@ -67,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     config = merge_config_from_args(args)
     out = check_out(args.out, kind="dir", inputs=[("--adapters", p) for p in args.adapters])
     force = replaceable(out, command="merge", is_output=is_merge_output, force=args.force)
+    if force:
+        refuse_foreign(out, "merge", _is_ours)
     start = time.perf_counter()
     source = args.adapters[0] if len(args.adapters) == 1 else args.adapters
     library = AdapterLibrary.load(source)
@@ -125,3 +134,9 @@ def is_merge_output(path: Path) -> bool:
         and record is not None
         and {"merge", "sources"} <= set(record)
     )
+
+
+def _is_ours(path: Path) -> bool:
+    from d2c_jax.library import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
+
+    return path.name in (CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_NAME)

@@ -17,6 +17,7 @@ from d2c_jax.commands.checks import (
     positive_int,
     read_json_object,
 )
+from d2c_jax.commands.outdir import locked
 from d2c_jax.train import TrainConfig
 
 
@@ -132,6 +133,12 @@ def _is_ours(adapter_dir: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    with locked(Path(args.out)):  # one writer of OUT at a time
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """`run` with OUT's lock held."""
     from d2c_jax import tasks as task_suite
     from d2c_jax.models import load_base
     from d2c_jax.train import TRAIN_RECORD_NAME, train_library
