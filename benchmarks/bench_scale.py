@@ -499,10 +499,10 @@ def scoring_roofline(repeat: int) -> dict:
     import jax.numpy as jnp
 
     from d2c_jax.examples import EncodedExamples
-    from d2c_jax.models import LlamaConfig, LlamaForCausalLM, init_weights
+    from d2c_jax.models import Decoder, DecoderConfig, init_weights
     from d2c_jax.scoring import score_candidates
 
-    config = LlamaConfig(
+    config = DecoderConfig(
         vocab_size=49152,
         hidden_size=HIDDEN,
         intermediate_size=1536,
@@ -513,7 +513,7 @@ def scoring_roofline(repeat: int) -> dict:
         rope_theta=100000.0,
         max_position_embeddings=2048,
     )
-    model = LlamaForCausalLM(config, init_weights(config, seed=0), dtype=jnp.float32)
+    model = Decoder(config, init_weights(config, seed=0), dtype=jnp.float32)
     base = _bare_base(model)
     candidates, rows, row_len, examples = 2, 2, 128, 8
     length, labels = row_len * rows // examples, 8  # 8 examples of 32 tokens, 8 labels each

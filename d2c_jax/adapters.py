@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from d2c_jax.models.llama import check_adapter
+from d2c_jax.models.decoder import check_adapter
 
 
 def num_stacked(tree) -> int:

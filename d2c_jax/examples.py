@@ -144,7 +144,7 @@ def _tokenizer_and_context(tokenizer_or_base, max_length):
     tokenizer = getattr(tokenizer_or_base, "tokenizer", tokenizer_or_base)
     config = getattr(tokenizer_or_base, "config", None)
     if max_length is None and config is not None:
-        max_length = config.max_position_embeddings
+        max_length = config.context_limit
     return tokenizer, max_length
 
 

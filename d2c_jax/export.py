@@ -11,21 +11,22 @@ written as one directory that appears only when complete.
 
 The adapter file follows llama.cpp's ``convert_lora_to_gguf.py`` (read, not copied):
 
-* metadata ``general.type = "adapter"``, ``general.architecture`` = the base's
-  (``llama`` or ``qwen2``), ``adapter.type = "lora"``, ``adapter.lora.alpha``
-  (float32); llama.cpp scales a pair by ``alpha / r`` with r read from the tensor
-  shape, so we write ``alpha = scale * r``, which reproduces PEFT's ``alpha / r``
-  and rsLoRA's ``alpha / sqrt(r)`` alike;
-* tensors ``blk.{l}.{attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down}.
-  weight.lora_a`` / ``.lora_b``: ``lora_a`` is PEFT's A ``[r, d_in]`` and ``lora_b``
-  PEFT's B ``[d_out, r]`` as row-major arrays (GGUF shapes ``[d_in, r]`` and
-  ``[r, d_out]``; llama.cpp checks ``a.ne[0] == W.ne[0]``, ``b.ne[1] == W.ne[1]``
-  and ``a.ne[1] == b.ne[0]``);
+* metadata ``general.type = "adapter"``, ``general.architecture`` = the base's (any
+  family with a GGUF architecture, `d2c_jax.models.families`), ``adapter.type =
+  "lora"``, ``adapter.lora.alpha`` (float32); llama.cpp scales a pair by ``alpha / r``
+  with r read from the tensor shape, so we write ``alpha = scale * r``, which
+  reproduces PEFT's ``alpha / r`` and rsLoRA's ``alpha / sqrt(r)`` alike;
+* tensors ``blk.{l}.<name>.weight.lora_a`` / ``.lora_b`` with the family's llama.cpp
+  names (``attn_q`` ... ``ffn_down``; Phi-3's fused ``attn_qkv`` and ``ffn_up``):
+  ``lora_a`` is PEFT's A ``[r, d_in]`` and ``lora_b`` PEFT's B ``[d_out, r]`` as
+  row-major arrays (GGUF shapes ``[d_in, r]`` and ``[r, d_out]``; llama.cpp checks
+  ``a.ne[0] == W.ne[0]``, ``b.ne[1] == W.ne[1]`` and ``a.ne[1] == b.ne[0]``);
 * llama.cpp's converter permutes the output rows of ``attn_q`` / ``attn_k`` of
   *llama* models for its interleaved RoPE (``d2c_jax.models.gguf.unpermute_qk``
   undoes it on load). ``W + s B A`` permuted by rows is ``P W + s (P B) A``, so the
   q (k) adapter's B rows get the same permutation (`permute_qk`, q with the head
-  count, k with the KV-head count) and A is unchanged. Qwen2 files are not permuted.
+  count, k with the KV-head count) and A is unchanged. The family says whether its
+  converter permutes (`Family.gguf_permute_qk`: Llama and Granite do, Qwen, Gemma do not).
 
 Factors are stored as ``bf16`` by default: our PEFT adapters are bf16 already, so
 this is lossless for them (``f32`` and ``f16`` are the alternatives). Note that
@@ -61,18 +62,6 @@ EXPORT_FORMATS = ("gguf",)
 GGUF_DTYPES = ("bf16", "f16", "f32")
 ROUTING_NAME = "routing.json"
 ROUTING_FORMAT = 1
-PERMUTED_ARCHS = ("llama",)
-
-# PEFT module name -> llama.cpp tensor name (without ``blk.{l}.`` and ``.weight``).
-GGUF_MODULE_NAMES = {
-    "q_proj": "attn_q",
-    "k_proj": "attn_k",
-    "v_proj": "attn_v",
-    "o_proj": "attn_output",
-    "gate_proj": "ffn_gate",
-    "up_proj": "ffn_up",
-    "down_proj": "ffn_down",
-}
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -99,6 +88,8 @@ class GGUFBase:
     num_kv_heads: int
     tensor_shapes: Mapping[str, tuple[int, ...]]  # GGUF order (ne0, ne1): [d_in, d_out]
     name: str
+    module_names: Mapping[str, str]  # PEFT module -> llama.cpp name (no blk.{l}. / .weight)
+    permute_qk: bool  # llama.cpp permutes this architecture's q/k rows (its family says)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> GGUFBase:
@@ -117,7 +108,7 @@ class GGUFBase:
         general_type = reader.fields.get("general.type")
         if general_type is not None and general_type.contents() == "adapter":
             raise ValueError(f"{path}: is a LoRA adapter GGUF, not a base model")
-        config = gguf_config(reader)
+        family, config = gguf_config(reader, str(path))
         return cls(
             path=path,
             architecture=str(reader.fields["general.architecture"].contents()),
@@ -126,13 +117,18 @@ class GGUFBase:
             num_kv_heads=config.num_kv_heads,
             tensor_shapes={t.name: tuple(int(x) for x in t.shape) for t in reader.tensors},
             name=gguf_model_name(reader, path),
+            module_names={m: family.gguf_names[m] for m in config.lora_modules},
+            permute_qk=family.gguf_permute_qk,
         )
 
     def check_adapter(self, params: Mapping[str, Mapping[str, Any]], source: str) -> None:
         """Raise ValueError naming `source` unless every factor fits a base tensor."""
         for module, factors in params.items():
-            if module not in GGUF_MODULE_NAMES:
-                raise ValueError(f"{source}: module {module!r} has no llama.cpp tensor name")
+            if module not in self.module_names:
+                raise ValueError(
+                    f"{source}: module {module!r} is not a module of the {self.architecture} "
+                    f"base model {self.path} ({', '.join(self.module_names)})"
+                )
             a, b = factors["A"], factors["B"]
             if a.shape[0] != self.num_layers:
                 raise ValueError(
@@ -141,7 +137,7 @@ class GGUFBase:
                 )
             want = (int(a.shape[2]), int(b.shape[1]))
             for layer in range(self.num_layers):
-                name = f"blk.{layer}.{GGUF_MODULE_NAMES[module]}.weight"
+                name = f"blk.{layer}.{self.module_names[module]}.weight"
                 got = self.tensor_shapes.get(name)
                 if got is None:
                     raise ValueError(f"{source}: base model {self.path} has no tensor {name}")
@@ -167,18 +163,18 @@ def gguf_lora_tensors(
 
     ``params`` is ``{module: {"A": [L, r, d_in], "B": [L, d_out, r]}}``; the arrays
     are row-major ``A [r, d_in]`` (``.lora_a``) and ``B [d_out, r]`` (``.lora_b``),
-    with q/k rows of B permuted for llama-architecture bases.
+    with q/k rows of B permuted where the base's converter permuted them.
     """
     heads = {"q_proj": base.num_heads, "k_proj": base.num_kv_heads}
     out = []
-    for module in sorted(params, key=list(GGUF_MODULE_NAMES).index):
+    for module in sorted(params, key=list(base.module_names).index):
         a = np.asarray(params[module]["A"], np.float32)
         b = np.asarray(params[module]["B"], np.float32)
         for layer in range(a.shape[0]):
             lb = b[layer]
-            if base.architecture in PERMUTED_ARCHS and module in heads:
+            if base.permute_qk and module in heads:
                 lb = permute_qk(lb, heads[module])
-            name = f"blk.{layer}.{GGUF_MODULE_NAMES[module]}.weight"
+            name = f"blk.{layer}.{base.module_names[module]}.weight"
             out.append((f"{name}.lora_a", np.ascontiguousarray(a[layer])))
             out.append((f"{name}.lora_b", np.ascontiguousarray(lb)))
     return out
@@ -278,16 +274,16 @@ def read_gguf_adapter(path: str | os.PathLike, base: GGUFBase) -> tuple[LoraPara
 
     reader = gguf.GGUFReader(str(path))
     alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
-    by_name = {v: k for k, v in GGUF_MODULE_NAMES.items()}
+    by_name = {v: k for k, v in base.module_names.items()}
     layers: dict[str, dict[str, dict[int, np.ndarray]]] = {}
     for t in reader.tensors:
         _, layer, kind, _, factor = t.name.split(".")
         array = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
         array = array.reshape(tuple(reversed([int(x) for x in t.shape])))
         module = by_name[kind]
-        if factor == "lora_b" and base.architecture in PERMUTED_ARCHS and module == "q_proj":
+        if factor == "lora_b" and base.permute_qk and module == "q_proj":
             array = unpermute_qk(array, base.num_heads)
-        elif factor == "lora_b" and base.architecture in PERMUTED_ARCHS and module == "k_proj":
+        elif factor == "lora_b" and base.permute_qk and module == "k_proj":
             array = unpermute_qk(array, base.num_kv_heads)
         key = "A" if factor == "lora_a" else "B"
         layers.setdefault(module, {}).setdefault(key, {})[int(layer)] = array

@@ -18,7 +18,7 @@ import numpy as np
 
 from d2c_jax.adapters import as_single_adapter
 from d2c_jax.examples import DEFAULT_BUCKET, round_up
-from d2c_jax.models.llama import check_adapter, forward_hidden, logits_from_hidden
+from d2c_jax.models.decoder import check_adapter, forward_hidden, logits_from_hidden
 
 
 def _stop_ids(tokenizer) -> tuple[int, ...]:
@@ -44,6 +44,10 @@ def _generate_tokens(base, adapter, scale, tokens, valid, *, max_new_tokens, sto
     key_valid = jnp.concatenate([valid, jnp.ones((b, max_new_tokens), bool)], axis=1)
     slots = jnp.arange(s)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    n_valid = valid.sum(axis=1).astype(jnp.int32)
+    # every cache slot's position, for sliding-window layers
+    new_positions = n_valid[:, None] + jnp.arange(max_new_tokens, dtype=jnp.int32)
+    key_positions = jnp.concatenate([positions, new_positions], axis=1)
     mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(p)[None, :, None])
     hidden, cache = forward_hidden(
         model,
@@ -54,9 +58,9 @@ def _generate_tokens(base, adapter, scale, tokens, valid, *, max_new_tokens, sto
         mask=mask,
         cache=cache,
         cache_index=0,
+        key_positions=key_positions,
     )
     first = jnp.argmax(logits_from_hidden(model, hidden[:, -1]), axis=-1).astype(jnp.int32)
-    n_valid = valid.sum(axis=1).astype(jnp.int32)
     stops = jnp.asarray(stop_ids, jnp.int32)
     out = jnp.full((b, max_new_tokens), stop_ids[0], jnp.int32)
 
@@ -79,6 +83,7 @@ def _generate_tokens(base, adapter, scale, tokens, valid, *, max_new_tokens, sto
             mask=step_mask,
             cache=cache,
             cache_index=slot,
+            key_positions=key_positions,
         )
         nxt = jnp.argmax(logits_from_hidden(model, h[:, 0]), axis=-1).astype(jnp.int32)
         return step + 1, cache, nxt, done, out
@@ -133,10 +138,10 @@ def generate(
     for lo in range(0, len(ids), batch_size):
         group = ids[lo : lo + batch_size]
         longest = max(len(x) for x in group)
-        if longest + max_new_tokens > base.config.max_position_embeddings:
+        if longest + max_new_tokens > base.config.context_limit:
             raise ValueError(
                 f"prompt of {longest} tokens + {max_new_tokens} new tokens exceed the context "
-                f"of {base.config.max_position_embeddings}"
+                f"of {base.config.context_limit}"
             )
         p_len = round_up(longest, bucket)
         rows = len(group)

@@ -41,16 +41,16 @@ import numpy as np
 from d2c_jax import sharding
 from d2c_jax.adapters import as_single_adapter, is_dense, num_stacked
 from d2c_jax.examples import DEFAULT_BUCKET, EncodedExamples, round_up
-from d2c_jax.models.llama import check_adapter, forward_hidden, rms_norm
+from d2c_jax.models.decoder import check_adapter, forward_hidden
 from d2c_jax.packing import pack_examples
-from kernels.loss import DEFAULT_VOCAB_CHUNK, masked_example_nll, packed_example_nll
+from kernels.loss import (
+    DEFAULT_VOCAB_CHUNK,
+    ExampleScores,
+    masked_example_nll,
+    packed_example_nll,
+)
 
 DEFAULT_MAX_CHUNK_BYTES = 1 << 30  # 1 GiB of activations per jitted scoring call
-
-
-def _final_norm(model):
-    """The model's final RMSNorm as a function of hidden states (applied by the loss)."""
-    return lambda h: rms_norm(h, model.final_norm[...], model.config.rms_norm_eps)
 
 
 def example_nll(
@@ -62,11 +62,13 @@ def example_nll(
     *,
     max_labels: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-) -> jax.Array:
-    """Mean label NLL per example ``[M]`` (float32) under base + one adapter.
+    correctness: bool = False,
+) -> jax.Array | ExampleScores:
+    """Mean label NLL per example ``[M]`` (float32) under base + one adapter (with
+    `correctness`: `kernels.loss.ExampleScores` of ``[M]`` arrays from the same pass).
 
     Args:
-      base: `BaseModel` or `LlamaForCausalLM`.
+      base: `BaseModel` or `Decoder`.
       adapter: ``{module: {"A": [L, r, d_in], "B": [L, d_out, r]}}`` (PEFT names),
         ``{module: {"delta": [L, d_out, d_in]}}`` (scale folded in), or None.
       scale: LoRA scale (alpha / r); ignored for dense deltas.
@@ -86,7 +88,9 @@ def example_nll(
         loss_mask,
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
-        final_norm=_final_norm(model),
+        final_norm=model.norm_hidden,
+        softcap=model.config.final_softcap,
+        correctness=correctness,
     )
 
 
@@ -99,8 +103,10 @@ def candidate_nll(
     *,
     max_labels: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-) -> jax.Array:
-    """The vmapped scoring kernel: ``[C, M]`` per-example NLL.
+    correctness: bool = False,
+) -> jax.Array | ExampleScores:
+    """The vmapped scoring kernel: ``[C, M]`` per-example NLL (or `ExampleScores` of
+    ``[C, M]`` arrays with `correctness`).
 
     `candidates` leaves have a leading candidate axis (``A [C, L, r, d_in]``,
     ``B [C, L, d_out, r]`` with ``scale [C]``, or ``delta [C, L, d_out, d_in]`` with
@@ -113,15 +119,31 @@ def candidate_nll(
     if scale is None:
         scale = jnp.ones((c,), jnp.float32)
     fn = lambda ad, s, t, m: example_nll(
-        base, ad, s, t, m, max_labels=max_labels, vocab_chunk=vocab_chunk
+        base,
+        ad,
+        s,
+        t,
+        m,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+        correctness=correctness,
     )
     return jax.vmap(fn)(candidates, scale, tokens, loss_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("max_labels", "vocab_chunk"))
-def _candidate_nll_jit(base, candidates, scale, tokens, loss_mask, *, max_labels, vocab_chunk):
+@functools.partial(jax.jit, static_argnames=("max_labels", "vocab_chunk", "correctness"))
+def _candidate_nll_jit(
+    base, candidates, scale, tokens, loss_mask, *, max_labels, vocab_chunk, correctness=False
+):
     return candidate_nll(
-        base, candidates, scale, tokens, loss_mask, max_labels=max_labels, vocab_chunk=vocab_chunk
+        base,
+        candidates,
+        scale,
+        tokens,
+        loss_mask,
+        max_labels=max_labels,
+        vocab_chunk=vocab_chunk,
+        correctness=correctness,
     )
 
 
@@ -138,8 +160,10 @@ def packed_nll(
     num_examples: int,
     max_labels: int | None = None,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-) -> jax.Array:
-    """`example_nll` for packed rows ``[R, T]`` (see `PackedBatch`) -> ``[num_examples]``."""
+    correctness: bool = False,
+) -> jax.Array | ExampleScores:
+    """`example_nll` for packed rows ``[R, T]`` (see `PackedBatch`) -> ``[num_examples]``
+    (`ExampleScores` of ``[num_examples]`` arrays with `correctness`)."""
     model = getattr(base, "model", base)
     t = tokens.shape[-1]
     mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((t, t), bool))
@@ -161,11 +185,15 @@ def packed_nll(
         num_examples,
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
-        final_norm=_final_norm(model),
+        final_norm=model.norm_hidden,
+        softcap=model.config.final_softcap,
+        correctness=correctness,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_examples", "max_labels", "vocab_chunk"))
+@functools.partial(
+    jax.jit, static_argnames=("num_examples", "max_labels", "vocab_chunk", "correctness")
+)
 def _packed_candidate_nll_jit(
     base,
     candidates,
@@ -179,6 +207,7 @@ def _packed_candidate_nll_jit(
     num_examples,
     max_labels,
     vocab_chunk,
+    correctness=False,
 ):
     fn = lambda ad, s, *rows: packed_nll(
         base,
@@ -188,6 +217,7 @@ def _packed_candidate_nll_jit(
         num_examples=num_examples,
         max_labels=max_labels,
         vocab_chunk=vocab_chunk,
+        correctness=correctness,
     )
     return jax.vmap(fn)(candidates, scale, tokens, segments, positions, loss_mask, slots)
 
@@ -240,6 +270,7 @@ def score_candidates(
     bucket: int = DEFAULT_BUCKET,
     mesh: jax.sharding.Mesh | None = None,
     return_stats: bool = False,
+    correctness: bool = False,
 ):
     """Score C candidate adapters, each on its own examples from an encoded bank.
 
@@ -267,9 +298,13 @@ def score_candidates(
         avoid a copy per call).
       return_stats: also return a dict (chunks, chunk size, shapes, real vs computed
         token counts).
+      correctness: return `kernels.loss.ExampleScores` (NLL, teacher-forced exact match,
+        token accuracy, smallest margin, soft accuracy) of ``[C, M]`` arrays from the
+        same forward pass instead of the NLL alone.
 
     Returns:
-      ``[C, M]`` float32 NumPy per-example NLL (NaN where invalid), and stats if asked.
+      ``[C, M]`` float32 NumPy per-example NLL (NaN where invalid), or with
+      `correctness` an `ExampleScores` of such arrays; and stats if asked.
     """
     check_adapter(base.config, candidates)
     dense = is_dense(candidates)
@@ -315,7 +350,8 @@ def score_candidates(
     chunk_size = sharding.round_to_devices(int(min(chunk_size, n_cand)), mesh)
     base = sharding.put(base, mesh, sharding.BASE)
 
-    out = np.empty((n_cand, m), np.float32)
+    fields = ExampleScores._fields if correctness else ("nll",)
+    out = {f: np.empty((n_cand, m), np.float32) for f in fields}
     n_chunks = math.ceil(n_cand / chunk_size)
     for k in range(n_chunks):
         lo, hi = k * chunk_size, min((k + 1) * chunk_size, n_cand)
@@ -340,6 +376,7 @@ def score_candidates(
                 num_examples=m,
                 max_labels=max_labels,
                 vocab_chunk=vocab_chunk,
+                correctness=correctness,
             )
         else:
             nll = _candidate_nll_jit(
@@ -349,9 +386,13 @@ def score_candidates(
                 *chunk_rows,
                 max_labels=max_labels,
                 vocab_chunk=vocab_chunk,
+                correctness=correctness,
             )
-        out[lo:hi] = sharding.fetch(nll)[: hi - lo]
-    out[~example_valid] = np.nan
+        for f, x in zip(fields, nll if correctness else (nll,), strict=True):
+            out[f][lo:hi] = sharding.fetch(x)[: hi - lo]
+    for x in out.values():
+        x[~example_valid] = np.nan
+    out = ExampleScores(**out) if correctness else out["nll"]
     if return_stats:
         real = int(bank.lengths[example_idx][example_valid].sum())
         stats = {

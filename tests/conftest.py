@@ -6,7 +6,7 @@ Fixtures (use them in any test module, no import needed):
   ``<|endoftext|>`` (0, document start, prepended by ``add_special_tokens=True``),
   ``<|im_start|>`` (1), ``<|im_end|>`` (2, eos and pad), then the 256 byte symbols;
   no merges, so every UTF-8 byte is one token. It carries SmolLM2's chat template.
-* ``tiny_config`` (session): a 2-layer Llama `LlamaConfig` (hidden 64, 4 heads / 2 KV
+* ``tiny_config`` (session): a 2-layer Llama `DecoderConfig` (hidden 64, 4 heads / 2 KV
   heads of dim 16, FFN 128, vocab 259, context 256, tied embeddings).
 * ``tiny_base`` (session): a `BaseModel` with random weights (std 0.1, so logits are
   far from uniform) and ``tiny_tokenizer``; ``name="tiny-llama"``.
@@ -28,7 +28,7 @@ Fixtures (use them in any test module, no import needed):
 * ``user_cache_dir`` (session, automatic): ``$D2C_JAX_CACHE`` points to a temp dir.
 * ``release_compiled_programs`` (module, automatic): drops JAX's compiled programs
   after each test module (see its docstring).
-* ``make_tiny_config``: factory ``make_tiny_config(**overrides) -> LlamaConfig`` (e.g.
+* ``make_tiny_config``: factory ``make_tiny_config(**overrides) -> DecoderConfig`` (e.g.
   ``model_type="qwen2", attention_bias=True, tie_word_embeddings=False``).
 """
 
@@ -74,7 +74,7 @@ def build_tiny_tokenizer():
 
 
 def tiny_llama_config(**overrides):
-    from d2c_jax.models import LlamaConfig
+    from d2c_jax.models import DecoderConfig
 
     fields = dict(
         vocab_size=259,
@@ -90,17 +90,17 @@ def tiny_llama_config(**overrides):
         max_position_embeddings=256,
     )
     fields.update(overrides)
-    return LlamaConfig(**fields)
+    return DecoderConfig(**fields)
 
 
 def build_tiny_base(tokenizer, config=None, seed=0, std=0.1, name="tiny-llama", dtype=None):
     import jax.numpy as jnp
 
-    from d2c_jax.models import BaseModel, LlamaForCausalLM, init_weights
+    from d2c_jax.models import BaseModel, Decoder, init_weights
 
     config = config or tiny_llama_config()
     weights = init_weights(config, seed=seed, std=std)
-    model = LlamaForCausalLM(config, weights, dtype=dtype or jnp.float32)
+    model = Decoder(config, weights, dtype=dtype or jnp.float32)
     return BaseModel(model, tokenizer, name=name, source="tiny")
 
 
@@ -278,9 +278,11 @@ def llama_cpp_permute(w, n_head):
 def gguf_tensor_names() -> dict[str, str]:
     """Our weight names -> llama.cpp's (the norms, then the export's module names;
     llama.cpp itself rejects a file whose names are wrong)."""
-    from d2c_jax.export import GGUF_MODULE_NAMES
+    from d2c_jax.models.decoder import SPLIT_MODULES
+    from d2c_jax.models.families.base import LLAMA_GGUF_NAMES
 
-    return {"attn_norm": "attn_norm", "mlp_norm": "ffn_norm", **GGUF_MODULE_NAMES}
+    names = ("attn_norm", "mlp_norm", *SPLIT_MODULES)
+    return {name: LLAMA_GGUF_NAMES[name] for name in names}
 
 
 def write_tiny_gguf(path, config, weights, tokenizer, added=None, merges=()):

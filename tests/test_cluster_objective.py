@@ -14,7 +14,7 @@ from d2c_jax.cluster.objective import SIMILAR_WORK, DevObjective, ObjectiveConfi
 from d2c_jax.examples import encode_examples
 from d2c_jax.generation import generate
 from d2c_jax.library import AdapterLibrary
-from d2c_jax.models import BaseModel, LlamaForCausalLM
+from d2c_jax.models import BaseModel, Decoder
 from d2c_jax.scoring import example_nll
 from kernels.merge import MergeConfig
 
@@ -153,7 +153,7 @@ def planted_problem(tiny_base):
     head = config.head_dim
     weights["layers"]["o_proj"][:, :, : 2 * head] = 0.0  # heads 0,1 -> KV head 0 invisible
     base = BaseModel(
-        LlamaForCausalLM(config, weights), tiny_base.tokenizer, name="tiny-llama", source="tiny"
+        Decoder(config, weights), tiny_base.tokenizer, name="tiny-llama", source="tiny"
     )
     rng = np.random.default_rng(0)
     layers, rank, d_in = config.num_layers, 4, config.hidden_size

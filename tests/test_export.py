@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -23,7 +24,6 @@ import pytest
 
 from d2c_jax.cli import main
 from d2c_jax.export import (
-    GGUF_MODULE_NAMES,
     ROUTING_NAME,
     GGUFBase,
     export_clusters,
@@ -31,6 +31,7 @@ from d2c_jax.export import (
     read_gguf_adapter,
     write_gguf_adapter,
 )
+from d2c_jax.models.families.base import LLAMA_GGUF_NAMES
 from d2c_jax.models.gguf import unpermute_qk
 from tests.conftest import numpy_weights, write_tiny_gguf
 
@@ -100,7 +101,7 @@ def test_file_has_llama_cpp_keys_names_shapes_and_our_delta(
     assert len(shapes) == 2 * len(ALL_MODULES) * tiny_config.num_layers
     for module in ALL_MODULES:
         d_out, d_in = tiny_config.module_shape(module)
-        gname = GGUF_MODULE_NAMES[module]
+        gname = LLAMA_GGUF_NAMES[module]
         heads = {"q_proj": tiny_config.num_heads, "k_proj": tiny_config.num_kv_heads}
         for layer in range(tiny_config.num_layers):
             name = f"blk.{layer}.{gname}.weight"
@@ -371,8 +372,8 @@ def test_llama_cpp_logits_equal_ours_on_the_tiny_model(
     assert np.abs(ours - plain).max() > 0.5  # the adapter matters
 
     # the q/k permutation is needed: an export without it disagrees
-    monkeypatch.setattr("d2c_jax.export.PERMUTED_ARCHS", ())
-    write_gguf_adapter(tmp_path / "wrong.gguf", params, scale, base, dtype="f32")
+    unpermuted = dataclasses.replace(base, permute_qk=False)
+    write_gguf_adapter(tmp_path / "wrong.gguf", params, scale, unpermuted, dtype="f32")
     wrong = llama_cpp_logits(llama(tiny_gguf, tmp_path / "wrong.gguf", kv="f32"), ids)
     print("tiny: without the q/k permutation", np.abs(wrong - ours).max())
     assert np.abs(wrong - ours).max() > 0.05

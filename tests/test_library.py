@@ -295,7 +295,9 @@ def test_shipped_library_covers_the_suite_and_loads_in_peft(real_base):
     assert sum(f.stat().st_size for f in files) <= 40 * 10**6
     assert {t.dtype for f in files for t in torch_load_file(str(f)).values()} == {torch.bfloat16}
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**real_base.config.to_hf()))
+    from d2c_jax.models.families import to_hf
+
+    model = LlamaForCausalLM(LlamaConfig(**to_hf(real_base.config)))
     peft_model = PeftModel.from_pretrained(model, str(root / lib.names[0]), adapter_name="a0")
     for i, name in enumerate(lib.names[1:], start=1):
         peft_model.load_adapter(str(root / name), adapter_name=f"a{i}")

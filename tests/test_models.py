@@ -12,13 +12,14 @@ import pytest
 from d2c_jax.models import (
     DEFAULT_MODEL_NAME,
     BaseModel,
-    LlamaForCausalLM,
+    Decoder,
     default_gguf_path,
     init_weights,
     load_base,
 )
+from d2c_jax.models.families import family, to_hf
 from d2c_jax.models.gguf import unpermute_qk
-from d2c_jax.models.hf import _hf_names, load_hf_weights
+from d2c_jax.models.hf import load_hf_weights
 from tests.conftest import llama_cpp_permute, numpy_weights, write_tiny_gguf
 
 torch = pytest.importorskip("torch")
@@ -27,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 def torch_model(config, weights):
     """transformers' LlamaForCausalLM / Qwen2ForCausalLM holding the same weights."""
-    tcfg = transformers.AutoConfig.for_model(**config.to_hf())
+    tcfg = transformers.AutoConfig.for_model(**to_hf(config))
     model = transformers.AutoModelForCausalLM.from_config(tcfg, dtype=torch.float32).eval()
     state = {
         "model.embed_tokens.weight": weights["embed"],
@@ -37,7 +38,9 @@ def torch_model(config, weights):
         state["lm_head.weight"] = weights["lm_head"]
     for key, stacked in weights["layers"].items():
         for layer in range(config.num_layers):
-            state[_hf_names(layer)[key]] = stacked[layer]
+            state[f"model.layers.{layer}.{family(config.model_type).hf_names[key]}"] = stacked[
+                layer
+            ]
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
@@ -72,14 +75,14 @@ LLAMA3_SCALING = {
 def test_logits_match_transformers_tiny(overrides, make_tiny_config):
     config = make_tiny_config(**overrides)
     weights = init_weights(config, seed=1, std=0.1)
-    ours = LlamaForCausalLM(config, weights)
+    ours = Decoder(config, weights)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (3, 48)).astype(np.int32)
     got = np.asarray(jax.jit(lambda m, t: m(t))(ours, ids))
     want = torch_logits(torch_model(config, weights), ids)
     assert np.abs(want).max() > 1.0  # logits far from uniform: a meaningful comparison
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     if "rope_scaling" in overrides:  # the scaling path is exercised, not a no-op
-        plain = LlamaForCausalLM(make_tiny_config(**{**overrides, "rope_scaling": None}), weights)
+        plain = Decoder(make_tiny_config(**{**overrides, "rope_scaling": None}), weights)
         assert np.abs(np.asarray(plain(ids)) - want).max() > 1e-3
 
 

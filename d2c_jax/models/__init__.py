@@ -1,20 +1,22 @@
-"""Base models: the Llama-family decoder, its loaders and the embedded default.
+"""Base models: one decoder, the families it runs, their loaders and the embedded default.
 
 Public face of the package: `load_base(spec)` returns a `BaseModel` (decoder +
 tokenizer) from ``"default"`` (the embedded SmolLM2-135M-Instruct), a Hugging Face
-directory or a ``.gguf`` file. Modules: `llama` (the Flax NNX decoder and its
-LoRA-aware forward), `loading` (`load_base`, `BaseModel`, the tokenizer's document
-start, caches and base-model identity), `hf` and `gguf` (file formats).
+directory or a ``.gguf`` file of any registered family. Modules: `decoder` (the Flax
+NNX decoder, its `DecoderConfig` and its LoRA-aware forward), `families` (one module per
+model family and the registry by ``model_type`` / GGUF architecture), `loading`
+(`load_base`, `BaseModel`, the tokenizer's document start, caches and base-model
+identity), `hf` and `gguf` (file formats).
 """
 
-from d2c_jax.models.llama import (
-    LORA_MODULES,
-    LlamaConfig,
-    LlamaForCausalLM,
+from d2c_jax.models.decoder import (
+    Decoder,
+    DecoderConfig,
     forward_hidden,
     init_weights,
     logits_from_hidden,
 )
+from d2c_jax.models.families import FAMILIES
 from d2c_jax.models.loading import (
     DEFAULT_MODEL_NAME,
     KNOWN_BASES,
@@ -29,9 +31,9 @@ from d2c_jax.models.loading import (
 
 __all__ = [
     "BaseModel",
-    "LlamaConfig",
-    "LlamaForCausalLM",
-    "LORA_MODULES",
+    "Decoder",
+    "DecoderConfig",
+    "FAMILIES",
     "DEFAULT_MODEL_NAME",
     "default_gguf_path",
     "cache_dir",

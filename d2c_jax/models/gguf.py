@@ -3,10 +3,12 @@
 * Weights are dequantized to float32 with ``gguf.quants.dequantize`` (Q4_0/Q4_1/Q8_0/
   K-quants/F16/F32 ...). A GGUF tensor of shape ``[ne0, ne1]`` holds a row-major
   ``[ne1, ne0]`` matrix, i.e. Hugging Face's ``[d_out, d_in]``.
-* llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` of *llama*
-  models (interleaved RoPE pairs); `unpermute_qk` undoes it so the decoder can use
-  Hugging Face's rotate-half RoPE. Qwen2 files are not permuted. Getting this wrong
-  barely moves plain-text cross-entropy but breaks chat answers.
+* ``general.architecture`` picks the family (`d2c_jax.models.families`), whose
+  `from_gguf` reads the config and whose ``gguf_names`` table maps ``blk.{l}.<name>``
+  to ours. The converter's changes are undone per family: llama.cpp permutes the rows
+  of ``attn_q`` and ``attn_k`` of *llama*-converted models (interleaved RoPE pairs;
+  `unpermute_qk`), and stores Gemma's norms as ``1 + w``. Getting the permutation
+  wrong barely moves plain-text cross-entropy but breaks chat answers.
 * The tokenizer is rebuilt from the metadata (vocabulary, merges, token types,
   special ids, chat template) through ``transformers.integrations.gguf.
   gguf_tokenizer_mapping``, which needs no torch. The SmolLM pre-tokenizer (each
@@ -22,29 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from d2c_jax.models.llama import LlamaConfig, Weights, check_weights
-
-SUPPORTED_ARCHS = ("llama", "qwen2")
-
-_LAYER_NAMES = {
-    "attn_norm": "attn_norm",
-    "ffn_norm": "mlp_norm",
-    "attn_q": "q_proj",
-    "attn_k": "k_proj",
-    "attn_v": "v_proj",
-    "attn_output": "o_proj",
-    "ffn_gate": "gate_proj",
-    "ffn_up": "up_proj",
-    "ffn_down": "down_proj",
-}
+from d2c_jax.models.decoder import DecoderConfig, Weights, check_weights, weight_shapes
+from d2c_jax.models.families import Family, gguf_family
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
         return default
-    value = field.contents()
-    return value
+    return field.contents()
 
 
 def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -58,85 +46,86 @@ def _f32(x) -> float:
     return float(f"{float(x):.7g}")
 
 
-def gguf_config(reader) -> LlamaConfig:
+def _open(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # the gguf package raises bare ValueErrors etc.
+        raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
+
+
+def gguf_config(reader, source: str = "GGUF") -> tuple[Family, DecoderConfig]:
+    """The family and config a GGUF file's metadata describes."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise ValueError(
-            f"GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)})"
-        )
-    get = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    vocab = get("vocab_size")
-    if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    names = {t.name for t in reader.tensors}
-    head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
-    scaling = None
-    if get("rope.scaling.type") == "linear":
-        scaling = (("rope_type", "linear"), ("factor", _f32(get("rope.scaling.factor"))))
-    return LlamaConfig(
-        vocab_size=int(vocab),
-        hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(head_dim),
-        rope_theta=_f32(get("rope.freq_base", 10000.0)),
-        rms_norm_eps=_f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        tie_word_embeddings="output.weight" not in names,
-        attention_bias="blk.0.attn_q.bias" in names,
-        max_position_embeddings=int(get("context_length", 2048)),
-        rope_scaling=scaling,
-        model_type="qwen2" if arch == "qwen2" else "llama",
-    )
+    fam = gguf_family(arch, source)
+
+    def get(key, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if key == "vocab_size" and value is None:
+            value = len(reader.fields["tokenizer.ggml.tokens"].data)
+        return _f32(value) if isinstance(value, float) else value
+
+    try:
+        return fam, fam.from_gguf(get, {t.name for t in reader.tensors})
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
-def load_gguf_weights(path: str | os.PathLike) -> tuple[LlamaConfig, Weights, Any]:
+def gguf_file_config(path: str | os.PathLike) -> tuple[Family, DecoderConfig]:
+    """`gguf_config` of a file, reading only its metadata (memory-mapped, no dequantizing)."""
+    return gguf_config(_open(Path(path)), str(path))
+
+
+def _layer_table(fam: Family, config: DecoderConfig) -> dict[tuple[str, str], str]:
+    """``(llama.cpp name, "weight" | "bias") -> our layer weight name`` for this config."""
+    table = {}
+    for ours in weight_shapes(config)["layers"]:
+        suffix = "bias" if ours.endswith("_bias") else "weight"
+        table[(fam.gguf_names[ours], suffix)] = ours
+    return table
+
+
+def _to_ours(fam: Family, config: DecoderConfig, ours: str, array: np.ndarray) -> np.ndarray:
+    """Undo the converter's changes: q/k row permutation, norms stored as ``w + shift``."""
+    if fam.gguf_permute_qk and ours == "q_proj":
+        return unpermute_qk(array, config.num_heads)
+    if fam.gguf_permute_qk and ours == "k_proj":
+        return unpermute_qk(array, config.num_kv_heads)
+    if fam.gguf_norm_shift and ours.endswith("norm"):
+        return array - np.float32(fam.gguf_norm_shift)
+    return array
+
+
+def load_gguf_weights(path: str | os.PathLike) -> tuple[DecoderConfig, Weights, Any]:
     """``(config, float32 NumPy weights, reader)`` of a GGUF file."""
     import gguf
 
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as err:  # the gguf package raises bare ValueErrors etc.
-        raise ValueError(f"{path}: not a readable GGUF file ({err})") from err
-    config = gguf_config(reader)
-    arch = _field(reader, "general.architecture")
+    reader = _open(path)
+    fam, config = gguf_config(reader, str(path))
+    table = _layer_table(fam, config)
+    top = {
+        "token_embd.weight": "embed",
+        "output_norm.weight": "final_norm",
+        "output.weight": "lm_head",
+    }
     layers: dict[str, list[np.ndarray | None]] = {}
     weights: Weights = {}
     for tensor in reader.tensors:
         shape = tuple(reversed([int(x) for x in tensor.shape]))
         array = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
         array = array.reshape(shape)
-        name = tensor.name
-        if name == "token_embd.weight":
-            weights["embed"] = array
-        elif name == "output_norm.weight":
-            weights["final_norm"] = array
-        elif name == "output.weight":
-            weights["lm_head"] = array
-        elif name.startswith("blk."):
-            _, index, kind, suffix = name.split(".")
-            layer = int(index)
-            if suffix == "bias":
-                if kind not in ("attn_q", "attn_k", "attn_v"):
-                    raise ValueError(f"{path}: unsupported tensor {name}")
-                key = {"attn_q": "q_bias", "attn_k": "k_bias", "attn_v": "v_bias"}[kind]
-            elif kind in _LAYER_NAMES:
-                key = _LAYER_NAMES[kind]
-            else:
-                raise ValueError(f"{path}: unsupported tensor {name}")
-            if arch == "llama" and kind == "attn_q":
-                array = unpermute_qk(array, config.num_heads)
-            elif arch == "llama" and kind == "attn_k":
-                array = unpermute_qk(array, config.num_kv_heads)
-            layers.setdefault(key, [None] * config.num_layers)[layer] = array
-        elif name == "rope_freqs.weight":
-            raise ValueError(f"{path}: per-dimension rope_freqs are not supported")
+        parts = tensor.name.split(".")
+        if tensor.name in top:
+            weights[top[tensor.name]] = _to_ours(fam, config, top[tensor.name], array)
+        elif parts[0] == "blk" and len(parts) == 4 and (parts[2], parts[3]) in table:
+            ours = table[(parts[2], parts[3])]
+            layers.setdefault(ours, [None] * config.num_layers)[int(parts[1])] = _to_ours(
+                fam, config, ours, array
+            )
         else:
-            raise ValueError(f"{path}: unsupported tensor {name}")
+            raise ValueError(f"{path}: unsupported tensor {tensor.name} for {fam.gguf_arch}")
     for key, arrays in layers.items():
         if any(a is None for a in arrays):
             raise ValueError(f"{path}: {key} is missing for some layers")

@@ -1,14 +1,16 @@
 """Hugging Face model directories: ``config.json`` + safetensors (+ ``tokenizer.json``).
 
-Reads (and writes, for tests and caches) the Llama / Qwen2 checkpoint layout
+Reads (and writes, for the families that say how: tests and caches) checkpoints of any
+registered family (`d2c_jax.models.families`): ``model_type`` picks the family, whose
+`from_hf` reads the config and whose name table maps
 
     model.embed_tokens.weight, model.norm.weight, lm_head.weight (untied only),
-    model.layers.{l}.input_layernorm.weight, model.layers.{l}.post_attention_layernorm.weight,
-    model.layers.{l}.self_attn.{q,k,v,o}_proj.weight (+ q/k/v bias),
-    model.layers.{l}.mlp.{gate,up,down}_proj.weight
+    model.layers.{l}.<family name>  (e.g. self_attn.q_proj.weight, input_layernorm.weight)
 
-into the stacked layout of `d2c_jax.models.llama` without torch: safetensors are read
-with NumPy (bfloat16 through ``ml_dtypes``), sharded checkpoints through their index.
+(``model.language_model.`` instead of ``model.`` for multimodal checkpoints) into the
+stacked layout of `d2c_jax.models.decoder`, without torch: safetensors are read with
+NumPy (bfloat16 through ``ml_dtypes``); every ``*.safetensors`` file of the directory
+is read (sharded checkpoints).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from d2c_jax.models.llama import LORA_MODULES, LlamaConfig, Weights, check_weights
+from d2c_jax.models.decoder import DecoderConfig, Weights, check_weights, weight_shapes
+from d2c_jax.models.families import Family, family, to_hf
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -68,26 +71,29 @@ def write_safetensors(
     os.replace(tmp, path)
 
 
-def _hf_names(layer: int) -> dict[str, str]:
-    p = f"model.layers.{layer}."
-    names = {
-        "attn_norm": p + "input_layernorm.weight",
-        "mlp_norm": p + "post_attention_layernorm.weight",
-        "q_bias": p + "self_attn.q_proj.bias",
-        "k_bias": p + "self_attn.k_proj.bias",
-        "v_bias": p + "self_attn.v_proj.bias",
-    }
-    for m in LORA_MODULES:
-        group = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-        names[m] = p + f"{group}.{m}.weight"
-    return names
+def _prefix(fam: Family) -> str:
+    return fam.text_prefix or "model."
 
 
-def load_hf_weights(path: str | os.PathLike) -> tuple[LlamaConfig, Weights]:
+def hf_config(path: str | os.PathLike) -> tuple[Family, DecoderConfig]:
+    """The family and config of an HF directory, from ``config.json`` alone (cheap: used
+    to refuse an unsupported model before any work)."""
+    source = Path(path) / "config.json"
+    try:
+        cfg = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{source}: not readable as JSON ({err})") from None
+    fam = family(cfg.get("model_type", "llama"), str(source))
+    try:
+        return fam, fam.from_hf(cfg)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def load_hf_weights(path: str | os.PathLike) -> tuple[DecoderConfig, Weights]:
     """Config and float32 NumPy weights (canonical stacked layout) of an HF directory."""
     path = Path(path)
-    cfg_dict = json.loads((path / "config.json").read_text())
-    config = LlamaConfig.from_hf(cfg_dict)
+    fam, config = hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights (pytorch .bin is not supported)")
@@ -100,18 +106,17 @@ def load_hf_weights(path: str | os.PathLike) -> tuple[LlamaConfig, Weights]:
             raise ValueError(f"{path}: checkpoint has no tensor {name}")
         return np.asarray(tensors[name], dtype=np.float32)
 
+    prefix = _prefix(fam)
     weights: Weights = {
-        "embed": take("model.embed_tokens.weight"),
-        "final_norm": take("model.norm.weight"),
+        "embed": take(prefix + "embed_tokens.weight"),
+        "final_norm": take(prefix + "norm.weight"),
     }
     if not config.tie_word_embeddings:
         weights["lm_head"] = take("lm_head.weight")
-    wanted = ["attn_norm", "mlp_norm", *LORA_MODULES]
-    if config.attention_bias:
-        wanted += ["q_bias", "k_bias", "v_bias"]
+    layer = lambda i, key: take(f"{prefix}layers.{i}.{fam.hf_names[key]}")
     weights["layers"] = {
-        key: np.stack([take(_hf_names(layer)[key]) for layer in range(config.num_layers)])
-        for key in wanted
+        key: np.stack([layer(i, key) for i in range(config.num_layers)])
+        for key in weight_shapes(config)["layers"]
     }
     check_weights(config, weights, str(path))
     return config, weights
@@ -119,25 +124,27 @@ def load_hf_weights(path: str | os.PathLike) -> tuple[LlamaConfig, Weights]:
 
 def save_hf_weights(
     path: str | os.PathLike,
-    config: LlamaConfig,
+    config: DecoderConfig,
     weights: Weights,
     extra_config: dict[str, Any] | None = None,
 ) -> None:
     """Write ``config.json`` + ``model.safetensors`` loadable by transformers."""
+    fam = family(config.model_type)
+    cfg = to_hf(config)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    prefix = _prefix(fam)
     tensors = {
-        "model.embed_tokens.weight": weights["embed"],
-        "model.norm.weight": weights["final_norm"],
+        prefix + "embed_tokens.weight": weights["embed"],
+        prefix + "norm.weight": weights["final_norm"],
     }
     if not config.tie_word_embeddings:
         tensors["lm_head.weight"] = weights["lm_head"]
     for key, stacked in weights["layers"].items():
-        for layer in range(config.num_layers):
-            tensors[_hf_names(layer)[key]] = np.asarray(stacked[layer], dtype=np.float32)
+        for i in range(config.num_layers):
+            tensors[f"{prefix}layers.{i}.{fam.hf_names[key]}"] = stacked[i]
     tensors = {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
     write_safetensors(path / "model.safetensors", tensors, metadata={"format": "pt"})
-    cfg = config.to_hf()
     cfg["torch_dtype"] = "float32"
     cfg.update(extra_config or {})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))

