@@ -4,8 +4,10 @@ Each command module exposes `add_parser(subparsers)` (registers its arguments an
 sets `func`) so that this file only wires them together.
 
 Errors in the user's input (the project's own `ValueError` subclasses, other
-``ValueError`` and ``OSError``) are printed as one line ``d2c CMD: error: ...`` with
-exit status 2; ``--debug`` (or ``D2C_DEBUG=1``) shows the traceback instead. Any
+``ValueError`` and ``OSError``) and machine faults (`MACHINE_FAULTS`: disk full,
+permission denied, read-only file system, also inside a library's own I/O error) are
+printed as one line ``d2c CMD: error: ...`` naming the path and the cause, with exit
+status 2; ``--debug`` (or ``D2C_DEBUG=1``) shows the traceback instead. Any
 other exception is a bug and keeps its traceback. Ctrl-C and SIGTERM interrupt a
 command the same way (it undoes its half-written output), with exit status 130 or
 143. Warnings about the inputs (`d2c_jax.models.identity.BaseModelWarning`) print as
@@ -15,6 +17,7 @@ one line ``d2c CMD: warning: ...``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
@@ -85,10 +88,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
+# Causes of a failed write that are the machine's, not the code's (errno text as the
+# OS and libraries word it; safetensors and tensorstore report them in their own errors).
+MACHINE_FAULTS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "File too large",
+    "Read-only file system",
+    "Permission denied",
+    "Operation not permitted",
+    "Input/output error",
+)
+FAULT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+}
+
+
+def machine_fault(err: BaseException) -> str | None:
+    """The machine fault behind `err` (an OSError or a library's I/O error), or None."""
+    if isinstance(err, OSError):
+        return err.strerror if err.errno in FAULT_ERRNOS else None
+    text = str(err)
+    return next((cause for cause in MACHINE_FAULTS if cause in text), None)
+
+
+def _one_line(err: BaseException, out: str | None = None) -> str:
+    cause = machine_fault(err)
+    if cause is not None and not isinstance(err, OSError | ValueError):
+        # A library's I/O error (safetensors, tensorstore) names neither path nor errno.
+        return f"writing --out {out}: {cause}" if out else cause
     text = str(err)
     if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
+    elif isinstance(err, OSError) and err.filename is None and cause and out:
+        text = f"writing --out {out}: {text}"
     if isinstance(err, UnicodeDecodeError):
         text = f"not valid UTF-8 ({err.reason} at byte {err.start})"
     return " ".join(text.split()) or type(err).__name__
@@ -122,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings(), terminate_as_interrupt():
             warnings.showwarning = _one_line_warning(args.command)
             return int(args.func(args) or 0)
-    except (ValueError, OSError) as err:
-        if debug:
+    except Exception as err:
+        if debug or not (isinstance(err, ValueError | OSError) or machine_fault(err)):
             raise
-        print(f"d2c {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        out = getattr(args, "out", None)
+        print(f"d2c {args.command}: error: {_one_line(err, out)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         if debug:

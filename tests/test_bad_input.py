@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -830,3 +831,76 @@ def test_the_next_run_finishes_a_killed_force(world, tmp_path, capsys, new_run_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))  # noqa: E731
     assert files(out) == files(world / "clustered")
+
+
+# ------------------------------------------------------------- machine faults
+
+
+def _limit_file_size():
+    """preexec_fn: files may not grow past 8 KiB (EFBIG instead of SIGXFSZ), the disk
+    full the tests can make without root or a small tmpfs."""
+    import resource
+    import signal
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * 1024, 8 * 1024))
+
+
+def _big_library(root: Path) -> None:
+    """big_lib/: two adapters whose merge (about 60 KiB) does not fit the limit."""
+    from tests.conftest import tiny_llama_config
+
+    target = root / "big_lib"
+    if not target.exists():
+        save_random_library(target, tiny_llama_config(), ("t0", "t1"), rank=32)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["merge", "--adapters", "{R}/big_lib", "--method", "linear", "--dtype", "float32"],
+        [*SCORE, "--adapter", "{R}/library/t0", "--examples", "{R}/big_score.jsonl"],
+        _with(CLUSTER, "--library", "{R}/big_lib") + ["--budget", "1"],
+    ],
+    ids=["merge", "score", "cluster"],
+)
+def test_a_full_disk_is_one_line_naming_out_and_leaves_nothing(world, tmp_path, command):
+    import subprocess
+    import sys
+
+    _big_library(world)
+    _write_jsonl(world / "big_score.jsonl", [{"prompt": "p" * 40, "target": "t" * 40}] * 500)
+    out = tmp_path / ("out.json" if command[0] == "score" else "out")
+    argv = _with(_fill(command, world), "--out", str(out))
+    before = tree_state(world)
+    proc = subprocess.run(
+        [sys.executable, "-m", "d2c_jax.cli", *argv],
+        capture_output=True,
+        text=True,
+        preexec_fn=_limit_file_size,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and "File too large" in errors[0], proc.stderr
+    assert str(out) in errors[0] or str(tmp_path) in errors[0], errors[0]
+    assert list(tmp_path.iterdir()) == [], "a partial output was left behind"
+    assert tree_state(world) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_resume_of_a_read_only_out_is_refused_before_any_work(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = cluster_args(world, out, "--method", "random")
+    (out / ".search").mkdir(parents=True)
+    settings_of = json.loads((world / "clustered" / "manifest.json").read_text())["settings"]
+    (out / ".search" / "settings.json").write_text(json.dumps(settings_of))
+    for path in (out / ".search", out):
+        path.chmod(0o555)
+    try:
+        rc, err = run_cli([*argv, "--resume"], capsys)
+    finally:
+        for path in (out, out / ".search"):
+            path.chmod(0o755)
+    assert rc == 2 and "cannot write in" in err and "Traceback" not in err

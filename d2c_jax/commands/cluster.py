@@ -382,7 +382,24 @@ def _prepare_out(out: Path, settings: dict[str, Any], resume: bool, force: bool)
         raise CommandError(
             f"--resume: settings differ from the saved run in {_changed(previous, settings)}"
         )
+    for directory in (out, out / SEARCH_DIR, out / SEARCH_DIR / "ckpt"):
+        _check_writable(directory)
     return "resume"
+
+
+def _check_writable(directory: Path) -> None:
+    """CommandError before any work if a run could not write in `directory`."""
+    if not directory.is_dir():
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".d2c-write-test.", dir=directory)
+    except OSError as err:
+        raise CommandError(
+            f"--resume: cannot write in {directory} ({err.strerror or err}); make it "
+            "writable to continue the run, or copy it elsewhere and resume there"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _start_out(out: Path, settings: dict[str, Any], state: str) -> Path | None:
@@ -398,28 +415,29 @@ def _start_out(out: Path, settings: dict[str, Any], state: str) -> Path | None:
     return aside
 
 
-def _undo_out(out: Path, state: str, aside: Path | None, existed: bool) -> None:
+def _undo_out(out: Path, state: str, aside: Path | None, existed: bool) -> bool:
     """After a failed run: remove what it created and put a replaced output back.
 
-    A search that saved checkpoints is kept for ``--resume``.
+    A search that saved checkpoints is kept for ``--resume``; returns whether it was.
     """
     if not out.is_dir():
-        return
+        return False
     remove_leftovers(out)
     if aside is not None:  # --force: the new run failed, the old output comes back
         shutil.rmtree(out, ignore_errors=True)
         os.replace(aside / out.name, out)
         shutil.rmtree(aside, ignore_errors=True)
-        return
+        return False
     checkpoints = out / SEARCH_DIR / "ckpt"
     if state == "resume" or (checkpoints.is_dir() and any(checkpoints.iterdir())):
-        return
+        return True
     if existed:
         shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)  # OUT was an empty directory
         for path in list(out.iterdir()):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     else:
         shutil.rmtree(out, ignore_errors=True)
+    return False
 
 
 def job_from_args(args: argparse.Namespace):
@@ -598,7 +616,12 @@ def _write_run(out: Path, settings, state: str, job, library, k: int, objective)
         manifest = _manifest(settings, record, library, objective)
         write_json_atomic(out / MANIFEST_NAME, manifest)
     except BaseException:
-        _undo_out(out, state, aside, existed)
+        if _undo_out(out, state, aside, existed):
+            print(
+                f"d2c cluster: {out} keeps the search state: the same command with --resume "
+                "continues it (once the cause below is fixed)",
+                file=sys.stderr,
+            )
         raise
     shutil.rmtree(out / SEARCH_DIR, ignore_errors=True)
     remove_leftovers(out)
