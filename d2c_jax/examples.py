@@ -53,7 +53,8 @@ def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"examples file {str(path)!r} not found")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (editors on Windows write one) is not part of line 1.
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

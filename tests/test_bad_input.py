@@ -95,7 +95,9 @@ def tree_state(root: Path) -> dict[str, tuple]:
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
         mode = stat.S_IMODE(path.lstat().st_mode)
-        if path.is_dir():
+        if path.is_symlink():  # a bad library may hold a dangling one
+            state[rel] = (mode, f"-> {path.readlink()}")
+        elif path.is_dir():
             state[rel] = (mode, "dir")
         else:
             state[rel] = (mode, hashlib.sha256(path.read_bytes()).hexdigest())
@@ -252,6 +254,33 @@ def _with_notes(previous: str, name: str):
     return setup
 
 
+def _library_copy(name: str, change):
+    """{R}/<name>: a copy of the library, then `change(copy)` makes it bad."""
+
+    def setup(root: Path) -> None:
+        target = root / name
+        if not target.exists():
+            shutil.copytree(root / "library", target)
+            change(target)
+
+    return setup
+
+
+def _untargeted(library: Path) -> None:
+    config_path = library / "t0" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"target_modules": ["q_proj"]}))
+
+
+def _language_model_keys(library: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    path = library / "t1" / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    prefix, multimodal = "base_model.model.model.", "base_model.model.model.language_model."
+    save_file({k.replace(prefix, multimodal, 1): v for k, v in tensors.items()}, str(path))
+
+
 LIB = ["--adapters", "{R}/library"]
 MERGE = ["merge", *LIB, "--method", "ties", "--density", "0.5"]
 SCORE = ["score", "--base", "{R}/base", "--examples", "{R}/score.jsonl"]
@@ -305,6 +334,11 @@ CASES = [
     ("merge-adapter-config-corrupt", ["merge", "--adapters", "{R}/badcfg", "--method", "linear", "--out", "{R}/m"], "adapter_config.json: not valid JSON", _write("badcfg/x/adapter_config.json", "{oops")),
     ("merge-adapter-nan", ["merge", "--adapters", "{R}/nan_adapter", "{R}/library/t1", "--method", "linear", "--out", "{R}/m"], "NaN", _nan_adapter),
     ("merge-empty-library", ["merge", "--adapters", "{R}/notes", "--method", "linear", "--out", "{R}/m"], "no adapter directories", None),
+    ("merge-library-dangling-symlink", ["merge", "--adapters", "{R}/lib_dangling", "--method", "linear", "--out", "{R}/m"], "{R}/lib_dangling/t9: dangling symlink", _library_copy("lib_dangling", lambda lib: (lib / "t9").symlink_to(lib / "gone"))),
+    ("merge-library-dir-without-adapter", ["merge", "--adapters", "{R}/lib_extra_dir", "--method", "linear", "--out", "{R}/m"], "{R}/lib_extra_dir/notes: not a PEFT adapter directory", _library_copy("lib_extra_dir", lambda lib: (lib / "notes").mkdir())),
+    ("merge-duplicate-adapter-names", ["merge", "--adapters", "{R}/library/t0", "{R}/lib_dup/t0", "--method", "linear", "--out", "{R}/m"], "two adapters named 't0': {R}/library/t0 and {R}/lib_dup/t0", _library_copy("lib_dup", lambda lib: None)),
+    ("merge-adapter-untargeted-module", ["merge", "--adapters", "{R}/lib_untargeted", "--method", "linear", "--out", "{R}/m"], "{R}/lib_untargeted/t0/adapter_model.safetensors: has LoRA tensors for model.layers.0.self_attn.v_proj, which adapter_config.json could not have targeted", _library_copy("lib_untargeted", _untargeted)),
+    ("merge-library-mixed-key-prefixes", ["merge", "--adapters", "{R}/lib_mixed_prefix", "--method", "linear", "--out", "{R}/m"], "{R}/lib_mixed_prefix/t1/adapter_model.safetensors: keys start with 'base_model.model.model.language_model.'", _library_copy("lib_mixed_prefix", _language_model_keys)),
     # ---- score
     ("score-examples-missing", _with(SCORE, "--examples", "{R}/nope.jsonl"), "--examples {R}/nope.jsonl: no such file", None),
     ("score-examples-dir", _with(SCORE, "--examples", "{R}/examples"), "is a directory", None),
@@ -382,6 +416,8 @@ CASES = [
     ("cluster-other-model-same-dir-name", _with(_with(CLUSTER, "--base", "{R}/other/base"), "--library", "{R}/lib_by_path"), "a different model", _OTHER_MODEL),
     ("cluster-force-keeps-user-file", [*_with(CLUSTER, "--out", "{R}/clustered_notes"), "--force"], "did not write (notes.txt)", _with_notes("clustered", "clustered_notes")),
     ("merge-force-keeps-user-file", [*MERGE, "--out", "{R}/merged_notes", "--force"], "did not write (notes.txt)", _with_notes("merged", "merged_notes")),
+    ("train-seed-negative", [*TRAIN, "--seed", "-1", "--out", "{R}/tr"], "argument --seed: must be an integer >= 0", None),
+    ("evaluate-assignment-duplicate-task", [*EVAL, "--assignment", "{R}/dup_assign.json", "--out", "{R}/e.json"], "task 't0' appears more than once", _write("dup_assign.json", '{"t0": 0, "t1": 1, "t0": 1}')),
     # ---- evaluate
     ("evaluate-assignment-missing", [*EVAL, "--assignment", "{R}/nope.json", "--out", "{R}/e.json"], "--assignment {R}/nope.json: no such file", None),
     ("evaluate-assignment-corrupt", [*EVAL, "--assignment", "{R}/bad_assign.json", "--out", "{R}/e.json"], "bad_assign.json: not valid JSON", _write("bad_assign.json", "{t0: 1")),
@@ -904,3 +940,28 @@ def test_resume_of_a_read_only_out_is_refused_before_any_work(world, tmp_path, c
         for path in (out, out / ".search"):
             path.chmod(0o755)
     assert rc == 2 and "cannot write in" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------- subtle inputs
+
+
+def _bom_copy(root: Path) -> None:
+    """ex_bom/: the task suite with a UTF-8 byte-order mark on every file."""
+    target = root / "ex_bom"
+    if not target.exists():
+        shutil.copytree(root / "examples", target)
+        for path in target.rglob("*.jsonl"):
+            path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+
+
+def test_jsonl_with_a_byte_order_mark_is_accepted(world, tmp_path):
+    _bom_copy(world)
+    bom = world / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + (world / "score.jsonl").read_bytes())
+    assert main(_fill(_with(SCORE, "--examples", str(bom)), world)) == 0
+    argv = _with(
+        cluster_args(world, tmp_path / "out", "--method", "random"),
+        "--examples",
+        str(world / "ex_bom"),
+    )
+    assert main(argv) == 0

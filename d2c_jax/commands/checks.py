@@ -226,6 +226,8 @@ def check_jsonl(path: str | os.PathLike, flag: str) -> None:
         raise CommandError(f"{flag} {path}: no such file")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not JSON
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:

@@ -183,6 +183,7 @@ def resolve_adapters(args: argparse.Namespace, base, library):
 
     source: Path = args.assignment
     if source.is_dir():
+        _refuse_duplicate_tasks(source / ASSIGNMENT_NAME)
         assignment, merged = load_clusters(source)
         recorded, fingerprint = clustering_base(source)
         by_weights = check_same_base(
@@ -202,6 +203,7 @@ def resolve_adapters(args: argparse.Namespace, base, library):
         )
     if not source.exists():
         raise FileNotFoundError(f"--assignment {source}: no such file or directory")
+    _refuse_duplicate_tasks(source)
     assignment = read_assignment(source)
     if library is None:
         raise ValueError(
@@ -222,6 +224,25 @@ def resolve_adapters(args: argparse.Namespace, base, library):
         adapters,
         {"adapters": "merged from --library", "merge": merge_config.to_dict()},
     )
+
+
+def _refuse_duplicate_tasks(path: Path) -> None:
+    """CommandError if a task appears twice in an assignment file (JSON keeps the last
+    one silently)."""
+
+    def pairs(items):
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise CommandError(f"--assignment {path}: task {twice[0]!r} appears more than once")
+        return dict(items)
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    except CommandError:
+        raise
+    except (OSError, ValueError):
+        pass  # read_assignment reports unreadable or malformed files in its own words
 
 
 def run(args: argparse.Namespace) -> int:

@@ -116,7 +116,10 @@ def add_parser(subparsers) -> None:
         help="steps between orbax checkpoints of an adapter's training state",
     )
     parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seeds initialisation and batch order"
+        "--seed",
+        type=nonnegative_int,
+        default=defaults.seed,
+        help="seeds initialisation and batch order",
     )
     parser.set_defaults(func=run)
 
