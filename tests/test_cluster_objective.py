@@ -201,3 +201,82 @@ def test_d2c_beats_kmeans_on_planted_library(tiny_base):
     assert d2c.objective < kmeans_j - 0.05
     by_data = np.array([0, 0, 1, 1])
     assert (d2c.assign == by_data).all() or (d2c.assign == 1 - by_data).all()
+
+
+def test_task_scores_are_per_task_means_of_the_same_pass(tiny_base, small_problem):
+    """`task_scores`: the NLL row is `task_losses`; every other row is the mean over a
+    member task's examples of the single-adapter `ExampleScores` under the merge."""
+    from d2c_jax.cluster.d2c import TASK_SCORES
+
+    library, examples = small_problem
+    masks = np.array([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+    objective = DevObjective(
+        tiny_base, library, examples, TIES, ObjectiveConfig(candidates_per_call=2)
+    )
+    scores = objective.task_scores(masks)
+    assert scores.shape == (3, len(TASK_SCORES), 5)
+    np.testing.assert_allclose(
+        scores[:, TASK_SCORES.index("nll")], objective.task_losses(masks), rtol=1e-6
+    )
+    assert (scores[:, :, ~masks[0]][0] == 0).all()
+    one = jax.jit(example_nll, static_argnames="correctness")
+    for c, mask in enumerate(masks):
+        merged = merging.merge(
+            library.params,
+            library.scale,
+            jnp.asarray(mask[None], jnp.float32),
+            TIES,
+            names=library.names,
+            return_delta=True,
+        )
+        adapter = jax.tree.map(lambda x: x[0], merged.delta)
+        for t in np.flatnonzero(mask):
+            enc = encode_examples(tiny_base, examples[library.names[t]], task_key=None)
+            want = one(tiny_base, adapter, 1.0, enc.tokens, enc.loss_mask, correctness=True)
+            for f, name in enumerate(TASK_SCORES):
+                assert scores[c, f, t] == pytest.approx(
+                    float(np.mean(getattr(want, name))), rel=1e-4, abs=1e-5
+                ), name
+
+
+@pytest.mark.parametrize("task_loss", ["exact", "margin"])
+def test_d2c_with_teacher_forced_losses_on_planted_library(tiny_base, tiny_examples, task_loss):
+    """The correctness losses drive the same search (scores cached per member set, the
+    NLL cache filled from the same pass, the state round-trips) and find the data's
+    grouping of the planted library."""
+    from d2c_jax.cluster.d2c import TASK_LOSSES, TASK_SCORES, CachedObjective
+
+    if task_loss == "exact":  # within a task, one more exact example beats any likelihood
+        f = TASK_LOSSES["exact"].fn
+        better = f({"exact": np.array([0.5]), "nll": np.array([15.0])})
+        assert better < f({"exact": np.array([0.4]), "nll": np.array([0.0])})
+    base, library, examples = planted_problem(tiny_base)
+    objective = DevObjective(base, library, examples, MergeConfig(method="linear", space="delta"))
+    cached = CachedObjective(objective)
+    # No dev example is exact here (targets are cut before the eos) and every NLL is near
+    # 4.8, so only the tie-break moves J, by about 1e-5: under the default tol.
+    tol = 0.0 if task_loss == "exact" else D2CClustering.tol
+    d2c = D2CClustering(init="kmeans", mode="best", max_iters=50, task_loss=task_loss, tol=tol).fit(
+        library, 2, seed=0, objective=cached, progress=False
+    )
+    objectives = [entry["objective"] for entry in d2c.log]
+    assert all(b <= a for a, b in zip(objectives, objectives[1:], strict=False))
+    by_data = np.array([0, 0, 1, 1])
+    assert (d2c.assign == by_data).all() or (d2c.assign == 1 - by_data).all()
+    masks = membership_mask(d2c.assign, 2)
+    stats = objective.task_scores(masks)
+    want = (
+        sum(
+            np.where(m, TASK_LOSSES[task_loss].fn(dict(zip(TASK_SCORES, s, strict=True))), 0).sum()
+            for m, s in zip(masks, stats, strict=True)
+        )
+        / 4
+    )
+    assert d2c.objective == pytest.approx(want, rel=1e-5)
+    assert set(cached.scores) <= set(cached.cache)  # the NLL came with the scores
+    state = cached.state()
+    again = CachedObjective(objective)
+    again.load_state(state)
+    before = objective.evaluations
+    assert again.cluster_losses(masks, task_loss).sum() / 4 == pytest.approx(d2c.objective)
+    assert objective.evaluations == before  # served from the restored cache

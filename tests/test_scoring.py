@@ -315,3 +315,55 @@ def test_real_model_peft_parity(real_base, tmp_path):
     base_nll = score_examples(real_base, None, enc)
     assert np.abs(base_nll - got).max() > 0.05  # the adapter matters
     np.testing.assert_allclose(got, want, atol=2e-4)
+
+
+def test_correctness_scores_come_from_the_same_pass(tiny_base, tiny_examples, make_lora):
+    """``correctness=True``: every `ExampleScores` field equals scoring each candidate
+    alone, packed or not, and the NLL field is the NLL-only result."""
+    from kernels.loss import ExampleScores
+
+    bank = encode_examples(tiny_base, tiny_examples)
+    stack = make_lora(tiny_base.config, n=3, seed=2)
+    scale = np.array([2.0, 0.5, 1.0], np.float32)
+    idx = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 10]])
+    valid = np.ones_like(idx, bool)
+    valid[2, 3] = False
+    one = jax.jit(example_nll, static_argnames="correctness")
+    alone = [
+        one(
+            tiny_base,
+            jax.tree.map(lambda x, c=c: x[c], stack),
+            scale[c],
+            bank.tokens[idx[c]],
+            bank.loss_mask[idx[c]],
+            correctness=True,
+        )
+        for c in range(3)
+    ]
+    nll_only = score_candidates(tiny_base, stack, bank, idx, valid, scale=scale, chunk_size=2)
+    for pack in (True, False):
+        got = score_candidates(
+            tiny_base,
+            stack,
+            bank,
+            idx,
+            valid,
+            scale=scale,
+            chunk_size=2,
+            pack=pack,
+            correctness=True,
+        )
+        assert isinstance(got, ExampleScores)
+        for field, x in zip(ExampleScores._fields, got, strict=True):
+            want = np.stack([np.asarray(getattr(a, field)) for a in alone])
+            want[~valid] = np.nan
+            np.testing.assert_allclose(x, want, rtol=1e-5, atol=1e-6, err_msg=field)
+        if pack:
+            np.testing.assert_array_equal(got.nll, nll_only)
+    assert np.isnan(got.exact[2, 3]) and np.isfinite(got.exact[valid]).all()
+    kernel = jax.jit(candidate_nll, static_argnames="correctness")
+    both = kernel(tiny_base, stack, scale, bank.tokens[idx], bank.loss_mask[idx], correctness=True)
+    np.testing.assert_allclose(
+        np.where(valid, both.accuracy, np.nan),
+        np.stack([np.asarray(a.accuracy) for a in alone]) * np.where(valid, 1, np.nan),
+    )

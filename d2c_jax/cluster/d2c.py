@@ -15,6 +15,18 @@ as keeping a working task from going 0.1 to 7.1, while a generation score satura
 0. ``likelihood`` is bounded in [0, 1), so it weighs the tasks that work. The cache
 holds the raw per-task NLL, so both share it.
 
+Two task losses read teacher-forced correctness from the same forward pass
+(`kernels.loss.ExampleScores`, averaged over a task's dev examples by
+`DevObjective.task_scores`): ``exact`` is ``1 - em_t + TIE_BREAK * (1 - exp(-nll_t))``,
+the fraction of dev examples whose target and eos are not all the strict argmax, with
+the likelihood loss as a tie-break (``TIE_BREAK = 0.1`` times a value below 1 is less
+than one example of a task with 10 dev examples, so within a task the tie-break never
+outweighs an exactly matched example; across tasks it is a sum). ``margin`` is
+``1 - soft_t``, one minus the mean over a task's target tokens (per example, then over
+examples) of ``sigmoid(logit_target - max_other)``: a smooth, parameter-free surrogate of
+token accuracy. These need ``task_scores`` and keep their own cache (of every score, so
+``exact`` and ``margin`` share it); the sweep's loss proxy still ranks destinations by NLL.
+
 A candidate move of adapter i from cluster a to cluster b changes J by
 
     dJ(i -> b) = [S(a - i) + S(b + i) - S(a) - S(b)] / N,
@@ -80,6 +92,7 @@ from d2c_jax.cluster.parameter import (
     library_delta_gram,
 )
 from d2c_jax.library import AdapterLibrary
+from kernels.loss import ExampleScores
 from kernels.screening import spearman
 
 # During a sweep, save the score cache at most this often (see module docstring).
@@ -95,11 +108,32 @@ SWEEP_DESTINATIONS = 1
 # How a sweep ranks an adapter's destinations (``D2CClustering.destination_proxy``).
 PROXIES = ("loss", "similarity")
 
-# Per-task loss f(mean dev NLL) that J averages (module docstring); f(0) = 0, so the
-# zeros of non-member tasks add nothing.
+# Per-task statistics of `DevObjective.task_scores` ``[C, F, N]``, in this order: the mean
+# over a task's dev examples of each field of `kernels.loss.ExampleScores`.
+TASK_SCORES = ExampleScores._fields
+# Weight of the likelihood tie-break of the ``exact`` task loss (module docstring).
+TIE_BREAK = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskLoss:
+    """A per-task loss of J: ``fn(stats)`` maps ``{name: [N]}`` per-task statistics to
+    ``[N]`` losses. ``scores``: it needs `TASK_SCORES` (``task_scores``), not only NLL."""
+
+    fn: Any
+    scores: bool = False
+
+
+def _likelihood(stats):
+    return -np.expm1(-stats["nll"])
+
+
+# The per-task losses J can average (module docstring); non-member tasks add nothing.
 TASK_LOSSES = {
-    "nll": lambda nll: nll,
-    "likelihood": lambda nll: -np.expm1(-nll),
+    "nll": TaskLoss(lambda stats: stats["nll"]),
+    "likelihood": TaskLoss(_likelihood),
+    "exact": TaskLoss(lambda stats: 1.0 - stats["exact"] + TIE_BREAK * _likelihood(stats), True),
+    "margin": TaskLoss(lambda stats: 1.0 - stats["soft"], True),
 }
 
 
@@ -113,14 +147,19 @@ class Objective(Protocol):
         merge of that row's members, 0 for non-members."""
         ...
 
+    # Optional (the ``exact`` and ``margin`` task losses):
+    # task_scores(masks [C, N]) -> [C, len(TASK_SCORES), N], 0 for non-members.
+
 
 class CachedObjective:
-    """Memoises `Objective.task_losses` by membership set and counts real evaluations."""
+    """Memoises `Objective.task_losses` (and ``task_scores``) by membership set and
+    counts real evaluations."""
 
     def __init__(self, objective: Objective):
         self.objective = objective
         self.num_tasks = objective.num_tasks
-        self.cache: dict[bytes, np.ndarray] = {}
+        self.cache: dict[bytes, np.ndarray] = {}  # key -> [N] NLL
+        self.scores: dict[bytes, np.ndarray] = {}  # key -> [len(TASK_SCORES), N]
         self.evaluations = 0
 
     @staticmethod
@@ -129,19 +168,34 @@ class CachedObjective:
 
     def cluster_losses(self, masks: np.ndarray, task_loss: str = "nll") -> np.ndarray:
         """``masks [C, N]`` -> ``S [C]``: sum over member tasks of ``TASK_LOSSES[task_loss]``
-        of their NLL, scoring only unseen sets."""
+        of their statistics, scoring only unseen sets."""
+        loss = TASK_LOSSES[task_loss]
+        if loss.scores and not hasattr(self.objective, "task_scores"):
+            raise ValueError(f"task loss {task_loss!r} needs an objective with task_scores")
+        cache = self.scores if loss.scores else self.cache
+        masks = np.asarray(masks, bool)
         keys = [self.key(m) for m in masks]
         missing: dict[bytes, np.ndarray] = {}
         for key, mask in zip(keys, masks, strict=True):
-            if key not in self.cache and key not in missing:
+            if key not in cache and key not in missing:
                 missing[key] = mask
         if missing:
-            losses = self.objective.task_losses(np.stack(list(missing.values())))
-            for key, row in zip(missing, losses, strict=True):
-                self.cache[key] = np.asarray(row, np.float64)
+            stacked = np.stack(list(missing.values()))
+            if loss.scores:
+                rows = self.objective.task_scores(stacked)
+            else:
+                rows = self.objective.task_losses(stacked)
+            for key, row in zip(missing, rows, strict=True):
+                cache[key] = np.asarray(row, np.float64)
+                if loss.scores:  # the NLL comes with the scores
+                    self.cache.setdefault(key, cache[key][TASK_SCORES.index("nll")])
             self.evaluations += len(missing)
-        f = TASK_LOSSES[task_loss]
-        return np.array([f(self.cache[key]).sum() for key in keys])
+        names = TASK_SCORES if loss.scores else ("nll",)
+        sums = []
+        for key, mask in zip(keys, masks, strict=True):
+            stats = dict(zip(names, np.reshape(cache[key], (len(names), -1)), strict=True))
+            sums.append(np.where(mask, loss.fn(stats), 0.0).sum())
+        return np.array(sums)
 
     def cross_losses(self, masks: np.ndarray) -> np.ndarray:
         """``masks [C, N]`` -> ``[C, N]``: NLL of *every* task under each row's merge.
@@ -159,18 +213,29 @@ class CachedObjective:
         return np.asarray(rows, np.float64)
 
     def state(self) -> dict[str, np.ndarray]:
-        keys = list(self.cache)
+        """``keys``/``values``: the NLL cache; ``score_keys``/``score_values`` the scores
+        cache, only if it holds anything."""
         n = self.objective.num_tasks
-        return {
-            "keys": np.stack([np.unpackbits(np.frombuffer(k, np.uint8))[:n] for k in keys])
-            if keys
-            else np.zeros((0, n), np.uint8),
+        unpack = lambda keys: np.stack(
+            [np.unpackbits(np.frombuffer(k, np.uint8))[:n] for k in keys]
+        )
+        keys = list(self.cache)
+        state = {
+            "keys": unpack(keys) if keys else np.zeros((0, n), np.uint8),
             "values": np.stack([self.cache[k] for k in keys]) if keys else np.zeros((0, n)),
         }
+        if self.scores:
+            state["score_keys"] = unpack(list(self.scores))
+            state["score_values"] = np.stack(list(self.scores.values()))
+        return state
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for mask, values in zip(state["keys"], state["values"], strict=True):
             self.cache[self.key(mask)] = np.asarray(values, np.float64)
+        for mask, values in zip(
+            state.get("score_keys", ()), state.get("score_values", ()), strict=True
+        ):
+            self.scores[self.key(mask)] = np.asarray(values, np.float64)
 
 
 def move_deltas(
@@ -663,6 +728,9 @@ class _SearchCheckpoint:
             "cache_values": cache_state["values"],
             "log": np.frombuffer(json.dumps(log).encode(), np.uint8),
         }
+        if "score_keys" in cache_state:
+            state["score_keys"] = cache_state["score_keys"].astype(np.uint8)
+            state["score_values"] = cache_state["score_values"]
         latest = self.manager.latest_step()
         self.manager.save(0 if latest is None else latest + 1, args=ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
@@ -679,5 +747,8 @@ class _SearchCheckpoint:
             "keys": np.asarray(state["cache_keys"]),
             "values": np.asarray(state["cache_values"]),
         }
+        if "score_keys" in state:
+            cache_state["score_keys"] = np.asarray(state["score_keys"])
+            cache_state["score_values"] = np.asarray(state["score_values"])
         iteration = int(state["iteration"])
         return np.asarray(state["assign"], np.int64), iteration, log, cache_state

@@ -8,6 +8,11 @@ merged adapter. All C candidates go through one batched merge and one vmapped,
 jitted scoring call per chunk; each candidate is scored only on its own member
 tasks' examples (gathered by index from one encoded example bank).
 
+`DevObjective.task_scores(masks)` is the same pass with teacher-forced correctness
+(``correctness=True`` of `d2c_jax.scoring.score_candidates`): ``[C, F, N]``, for each
+field of `kernels.loss.ExampleScores` (nll, exact, accuracy, margin, soft) its mean over
+a member task's dev examples; the ``exact`` and ``margin`` task losses of D2C read it.
+
 By default candidates are scored with their *untruncated* merged delta (applied
 as ``x delta^T``), which skips a rank-r SVD per module and candidate; with
 ``score_deployed=True`` they are truncated to rank r first, so the search scores
@@ -46,6 +51,7 @@ from d2c_jax.library import AdapterLibrary
 from d2c_jax.packing import pack_examples
 from d2c_jax.scoring import packed_nll, score_candidates, task_mean_nll
 from kernels import screening
+from kernels.loss import ExampleScores
 from kernels.merge import MergeConfig
 
 # A jitted call scores candidates whose work is within this factor of its largest
@@ -196,12 +202,25 @@ class DevObjective:
 
     def task_losses(self, masks: np.ndarray) -> np.ndarray:
         """``masks [C, N]`` bool -> ``[C, N]``: mean dev NLL of each member task, 0 elsewhere."""
+        return self._member_task_means(masks, correctness=False)[:, 0]
+
+    def task_scores(self, masks: np.ndarray) -> np.ndarray:
+        """``masks [C, N]`` bool -> ``[C, F, N]``: per member task, the mean over its dev
+        examples of each `kernels.loss.ExampleScores` field (F = 5, in field order: nll,
+        exact match, token accuracy, smallest margin, soft accuracy), 0 elsewhere. The
+        NLL row equals `task_losses`."""
+        return self._member_task_means(masks, correctness=True)
+
+    def _member_task_means(self, masks: np.ndarray, correctness: bool) -> np.ndarray:
+        """Shared body of `task_losses` and `task_scores`: ``[C, F, N]`` with F = 1 (NLL)
+        or the `ExampleScores` fields."""
         masks = np.asarray(masks, bool)
         if masks.ndim != 2 or masks.shape[1] != self.num_tasks:
             raise ValueError(f"masks must be [C, N={self.num_tasks}], got {masks.shape}")
         if not masks.any(axis=1).all():
             raise ValueError("every candidate needs at least one member")
-        out = np.zeros(masks.shape, np.float64)
+        fields = len(ExampleScores._fields) if correctness else 1
+        out = np.zeros((masks.shape[0], fields, masks.shape[1]), np.float64)
         # Merged dense deltas are large, so merge and score one chunk at a time.
         for rows in self._chunks(masks):
             chunk = masks[rows]
@@ -210,7 +229,7 @@ class DevObjective:
             )
             index, valid = self._gather_plan(padded)
             adapters, scale = self.candidate_adapters(padded)
-            nll = score_candidates(
+            scores = score_candidates(
                 self.base,
                 adapters,
                 self.bank,
@@ -219,9 +238,11 @@ class DevObjective:
                 scale=scale,
                 chunk_size=len(padded),
                 mesh=self.mesh,
-            )  # [C, M], NaN where invalid
-            per_task = task_mean_nll(nll, self.task_of[index], self.num_tasks)  # [C, N]
-            out[rows] = np.nan_to_num(per_task[: len(chunk)], nan=0.0)
+                correctness=correctness,
+            )  # [C, M] (each field with correctness), NaN where invalid
+            for f, per_example in enumerate(scores if correctness else (scores,)):
+                per_task = task_mean_nll(per_example, self.task_of[index], self.num_tasks)
+                out[rows, f] = np.nan_to_num(per_task[: len(chunk)], nan=0.0)  # [C, N]
         self.evaluations += len(masks)
         return out
 
