@@ -131,6 +131,21 @@ D2C_VARIANTS: dict[str, dict[str, Any]] = {
         "task_loss": "nll",
         "destinations": 1,
     },
+    # the default search with a teacher-forced correctness loss (issue 28)
+    "d2c_best_margin_sweep_m1": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "margin",
+        "destinations": 1,
+    },
+    "d2c_best_exact_sweep_m1": {
+        "init": "best",
+        "mode": "sweep",
+        "max_iters": 1,
+        "task_loss": "exact",
+        "destinations": 1,
+    },
     "d2c_mbc_nll_lloyd": {"init": "mbc", "mode": "lloyd", "max_iters": 10, "task_loss": "nll"},
     "d2c_mbc_likelihood_lloyd": {
         "init": "mbc",
@@ -235,7 +250,8 @@ class Sweep:
                 with np.load(path) as data:
                     # Valid for one library only (a library being built grows).
                     if data["names"].tolist() == list(self.library.names):
-                        cached.load_state({"keys": data["keys"], "values": data["values"]})
+                        # score_* only where a correctness task loss ran
+                        cached.load_state({k: data[k] for k in data.files if k != "names"})
 
     def job(self, method: str, budget: str, seed: int):
         """The `d2c_jax.pipeline.ClusterJob` of a cell: a D2C variant is ``d2c`` with its
