@@ -105,8 +105,9 @@ def _perturb(model, seed):
             p.add_(0.15 * torch.randn(p.shape, generator=gen))
 
 
-def _torch_model(model_type, seed=0):
-    overrides, _ = CASES[model_type]
+def _torch_model(model_type, seed=0, overrides=None):
+    """A tiny random transformers model of a family (`CASES` settings unless given)."""
+    overrides = CASES[model_type][0] if overrides is None else overrides
     cfg = transformers.AutoConfig.for_model(model_type, **{**COMMON, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -88,9 +88,9 @@ def _layer_table(fam: Family, config: DecoderConfig) -> dict[tuple[str, str], st
 
 def _to_ours(fam: Family, config: DecoderConfig, ours: str, array: np.ndarray) -> np.ndarray:
     """Undo the converter's changes: q/k row permutation, norms stored as ``w + shift``."""
-    if fam.gguf_permute_qk and ours == "q_proj":
+    if fam.gguf_permute_qk and ours in ("q_proj", "q_bias"):
         return unpermute_qk(array, config.num_heads)
-    if fam.gguf_permute_qk and ours == "k_proj":
+    if fam.gguf_permute_qk and ours in ("k_proj", "k_bias"):
         return unpermute_qk(array, config.num_kv_heads)
     if fam.gguf_norm_shift and ours.endswith("norm"):
         return array - np.float32(fam.gguf_norm_shift)

@@ -5,6 +5,7 @@ adapters target the fused modules by those names."""
 
 from __future__ import annotations
 
+from d2c_jax.models.decoder import SLIDING
 from d2c_jax.models.families.base import (
     LLAMA_HF_NAMES,
     Family,
@@ -35,6 +36,8 @@ def from_gguf(get, tensor_names):
         raise ValueError("Phi-3 GGUF with long-context rope factors is not supported")
     heads = int(get("attention.head_count"))
     head_dim = int(get("embedding_length")) // heads
+    window = int(get("attention.sliding_window", 0) or 0)
+    n = int(get("block_count"))
     return gguf_common(
         get,
         tensor_names,
@@ -43,6 +46,8 @@ def from_gguf(get, tensor_names):
         fused_gate_up=True,
         head_dim=head_dim,
         partial_rotary_factor=int(get("rope.dimension_count", head_dim)) / head_dim,
+        layer_types=(SLIDING,) * n if window else (),
+        sliding_window=window,
     )
 
 
