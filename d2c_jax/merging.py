@@ -79,13 +79,21 @@ class PreparedLibrary:
         delta space: None.
       thresholds: delta space with magnitude trimming: ``{module: [N, L]}`` int32
         thresholds on the bit patterns of each member delta's magnitudes
-        (`kernels.merge.trim_thresholds`); otherwise None.
+        (`kernels.merge.trim_thresholds`); with Model Breadcrumbs ``{module: [N, L,
+        2]}`` (low, high) bands (`kernels.merge.band_thresholds`); otherwise None.
       keys: delta space with DARE: ``[N, 2]`` uint32 key data of each adapter's
         PRNG key (`adapter_keys`); otherwise None.
       scale: ``[N]`` LoRA scales of the inputs.
       weights: ``[N]`` per-adapter weights.
       config: the merge (static).
       rank: r of the merged adapters (the library's rank).
+      masks: delta space with DELLA: ``{module: [N, L, d_out, ceil(d_in / 8)]}``
+        uint8, each adapter's keep-mask packed 8 entries a byte (DELLA's keep
+        probabilities follow each row's magnitude ranks, a sort too costly to redo
+        per member and merge, so its masks are drawn once: 1/32 of the dense deltas'
+        bytes); otherwise None.
+      rescale: delta space with DELLA: ``{module: [N, L]}`` L1 rescaling of each
+        masked matrix (`kernels.merge.della_sparsify`); otherwise None.
     """
 
     factors: dict
@@ -96,6 +104,8 @@ class PreparedLibrary:
     weights: jax.Array
     config: MergeConfig = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
+    masks: dict | None = None
+    rescale: dict | None = None
 
     @property
     def num_adapters(self) -> int:
@@ -198,9 +208,11 @@ def _delta_thresholds(factors, scale, config: MergeConfig):
 
     def thresholds(f, s):
         deltas = {m: lowrank.factors_to_delta(x["A"], x["B"], s)[None] for m, x in f.items()}
-        return jax.tree.map(
-            lambda t: t[0], kmerge.trim_thresholds(deltas, config.density, config.trim)
-        )
+        if config.spec.sparsify == "breadcrumbs":
+            found = kmerge.band_thresholds(deltas, config.density, config.gamma, config.trim)
+        else:
+            found = kmerge.trim_thresholds(deltas, config.density, config.trim)
+        return jax.tree.map(lambda t: t[0], found)
 
     def each(f, s):
         return jax.lax.map(lambda args: thresholds(*args), (f, s), batch_size=PREPARE_BATCH)
@@ -211,8 +223,41 @@ def _delta_thresholds(factors, scale, config: MergeConfig):
     for m, x in factors.items():
         n, layers = x["A"].shape[:2]
         matrices = {k: v.reshape(n * layers, *v.shape[2:]) for k, v in x.items()}
-        out[m] = each({m: matrices}, jnp.repeat(scale, layers))[m].reshape(n, layers)
+        found = each({m: matrices}, jnp.repeat(scale, layers))[m]
+        out[m] = found.reshape(n, layers, *found.shape[1:])
     return out
+
+
+@jax.jit(static_argnames="config")
+def _delta_della(factors, scale, key_data, config: MergeConfig):
+    """DELLA's packed keep-masks ``{module: [N, L, d_out, ceil(d_in / 8)]}`` and L1
+    rescalings ``{module: [N, L]}`` of every adapter's dense delta, one matrix at a
+    time; matrix (module position, layer) of an adapter draws from its key as DARE."""
+    keys = jax.random.wrap_key_data(key_data)
+    masks, rescale = {}, {}
+    for position, m in enumerate(sorted(factors)):
+        x = factors[m]
+        layers = x["A"].shape[1]
+
+        def one(args, position=position):
+            a, b, s, key, layer = args
+            delta = lowrank.factors_to_delta(a, b, s)
+            u = kmerge.della_uniform(key[None], position, layer, delta.shape)[0]
+            keep, factor = kmerge.della_sparsify(delta, u, config.density, config.epsilon)
+            return jnp.packbits(keep, axis=-1), factor
+
+        n = x["A"].shape[0]
+        args = (
+            x["A"].reshape(n * layers, *x["A"].shape[2:]),
+            x["B"].reshape(n * layers, *x["B"].shape[2:]),
+            jnp.repeat(scale, layers),
+            jnp.repeat(keys, layers),
+            jnp.tile(jnp.arange(layers), n),
+        )
+        packed, factor = jax.lax.map(one, args, batch_size=PREPARE_BATCH)
+        masks[m] = packed.reshape(n, layers, *packed.shape[1:])
+        rescale[m] = factor.reshape(n, layers)
+    return masks, rescale
 
 
 @jax.jit(static_argnames="config")
@@ -241,13 +286,20 @@ def prepare(
         raise ValueError(f"names has {len(names)} entries but the library has {n} adapters")
     scale = jnp.asarray(scale, jnp.float32)
     factors = {m: {"A": jnp.asarray(f["A"]), "B": jnp.asarray(f["B"])} for m, f in params.items()}
-    dare = config.spec.sparsify == "dare"
-    keys = adapter_keys(names, config.seed) if dare else None
-    sparse = thresholds = key_data = None
-    if config.space == "factor":
+    sparsify = config.spec.sparsify
+    dare = sparsify == "dare"
+    keys = adapter_keys(names, config.seed) if sparsify in ("dare", "della") else None
+    sparse = thresholds = key_data = masks = rescale = None
+    if config.spec.is_subspace:
+        pass  # merged from the members' own factors; KnOTS trims per cluster
+    elif config.space == "factor":
         sparse = _sparse_factors(factors, keys, _kernel_config(config))
-    elif config.spec.sparsify == "magnitude":
+    elif sparsify in ("magnitude", "breadcrumbs"):
         thresholds = _delta_thresholds(factors, scale, _kernel_config(config))
+    elif sparsify == "della":
+        masks, rescale = _delta_della(
+            factors, scale, jax.random.key_data(keys), _kernel_config(config)
+        )
     elif dare:
         key_data = jax.random.key_data(keys)
     return PreparedLibrary(
@@ -259,6 +311,8 @@ def prepare(
         weights=config_weights(config, n),
         config=config,
         rank=rank,
+        masks=masks,
+        rescale=rescale,
     )
 
 
@@ -326,13 +380,23 @@ def _raw_deltas(prepared: PreparedLibrary, index: jax.Array, module: str, layer,
     return lowrank.factors_to_delta(f["A"][index, layer], b, prepared.scale[index])
 
 
-def _sparsify_members(prepared, index, module_position: int, module: str, layer, delta):
+def _sparsify_members(prepared, index, module_position: int, module: str, layer, delta, rows):
     """The members' prepared (trimmed / DARE-masked) deltas, as `kernels.merge.prepare_deltas`
-    would hold them (DARE: `delta` holds every row of the matrix)."""
+    would hold them; `delta` holds output rows ``rows = (start, R)`` (DARE: all rows)."""
     config = prepared.config
     if prepared.thresholds is not None:
-        keep = kmerge.apply_thresholds(delta, prepared.thresholds[module][index, layer])
+        thresholds = prepared.thresholds[module][index, layer]
+        if config.spec.sparsify == "breadcrumbs":
+            return jnp.where(kmerge.apply_band(delta, thresholds), delta, 0.0)
+        keep = kmerge.apply_thresholds(delta, thresholds)
         return jnp.where(keep, delta, 0.0)
+    if prepared.masks is not None:
+        packed = jax.lax.dynamic_slice_in_dim(
+            prepared.masks[module][index, layer], rows[0], rows[1], axis=-2
+        )
+        keep = jnp.unpackbits(packed, axis=-1, count=delta.shape[-1]).astype(bool)
+        factor = prepared.rescale[module][index, layer][:, None, None]
+        return jnp.where(keep, delta * factor, 0.0)
     if prepared.keys is not None:
         keys = jax.random.wrap_key_data(prepared.keys[index])
         keep = kmerge.dare_keep(keys, module_position, layer, delta.shape[-2:], config.density)
@@ -365,7 +429,9 @@ def _merge_block(prepared, index, valid, position: int, module: str, layer, rows
 
     def member(slot):
         delta = _raw_deltas(prepared, index[:, slot], module, layer, rows)
-        return delta, _sparsify_members(prepared, index[:, slot], position, module, layer, delta)
+        return delta, _sparsify_members(
+            prepared, index[:, slot], position, module, layer, delta, rows
+        )
 
     def add(slot, stats):
         members = member(slot)[1][:, None]
@@ -435,8 +501,34 @@ def _factor_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array)
     return merged
 
 
+def _subspace_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
+    """``{module: [C, L, d_out, d_in]}`` merged deltas of a subspace method (TSV-M,
+    Iso-C / Iso-CTS, KnOTS: `kernels.merge.subspace_members`), one layer at a time
+    from the members' factors; the merge then goes through the usual truncation
+    back to rank r (TSV-M and Iso already keep only their top-r directions)."""
+    config = prepared.config
+    scale, weights = prepared.scale[index], prepared.weights[index]
+    out = {}
+    for module in sorted(prepared.factors):
+        f = prepared.factors[module]
+
+        def layer_merge(layer, f=f):
+            a, b = f["A"][index, layer], f["B"][index, layer]  # [C, S, r, i], [C, S, o, r]
+            merged = kmerge.subspace_members(a, b, scale, valid, weights, config, prepared.rank)
+            if config.singletons == "keep":
+                first = lowrank.factors_to_delta(a[:, 0], b[:, 0], scale[:, 0])
+                merged = kmerge.keep_single_members(merged, first, valid)
+            return merged
+
+        layers = f["A"].shape[1]
+        out[module] = jnp.moveaxis(jax.lax.map(layer_merge, jnp.arange(layers)), 0, 1)
+    return out
+
+
 def _combine(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
     """Delta space: ``{m: [C, L, o, i]}``; factor space: ``{m: {"A", "B"}}`` [C, ...]."""
+    if prepared.config.spec.is_subspace:
+        return _subspace_space(prepared, index, valid)
     if prepared.config.space == "delta":
         return _delta_space(prepared, index, valid)
     return _factor_space(prepared, index, valid)

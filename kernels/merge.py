@@ -79,7 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.merge_methods import DIVISORS, MergeMethod, get_method
+from kernels.merge_methods import DIVISORS, PARAM_DEFAULTS, MergeMethod, get_method
 
 SINGLETONS = ("keep", "merge")
 SPACES = ("delta", "factor")
@@ -123,6 +123,15 @@ class MergeConfig:
       seed: PRNG seed for DARE's random masks.
       singletons: "keep" (a one-member cluster is its adapter unchanged; PEFT) or
         "merge" (merged like any cluster, e.g. trimmed by TIES; mergekit).
+      gamma: breadcrumbs: fraction of the largest magnitudes dropped (default 0.01).
+      epsilon: DELLA: spread of the keep probabilities around ``density``
+        (default 0.15; ``density +- epsilon`` must lie in (0, 1) unless density is 1).
+      common_fraction: Iso-CTS: fraction of ``min(d_out, d_in)`` given to the
+        common subspace (default 0.8).
+      sv_fraction: TSV-M: fraction of ``min(d_out, d_in)`` singular vectors each
+        member keeps; None (default) is 1 / (the cluster's member count).
+      The last four are None unless the method reads them (`MergeMethod.params`);
+      None resolves to the method's default on construction.
     """
 
     method: str
@@ -136,9 +145,14 @@ class MergeConfig:
     weights: tuple[float, ...] | None = None
     seed: int = 0
     singletons: Literal["keep", "merge"] = "keep"
+    gamma: float | None = None
+    epsilon: float | None = None
+    common_fraction: float | None = None
+    sv_fraction: float | None = None
 
     def __post_init__(self):
         spec = get_method(self.method)
+        self._check_params(spec)
         _choice("singletons", self.singletons, SINGLETONS)
         _choice("space", self.space, SPACES)
         _choice("trim", self.trim, TRIMS)
@@ -150,7 +164,7 @@ class MergeConfig:
         if self.sparsifies:
             if self.density is None:
                 raise ValueError(f"density is required for method {self.method!r}")
-            low_ok = self.density > 0 if spec.sparsify == "dare" else self.density >= 0
+            low_ok = self.density > 0 if spec.sparsify in ("dare", "della") else self.density >= 0
             if not (low_ok and self.density <= 1):
                 raise ValueError(
                     f"density must be in {spec.density_interval} for {self.method!r}, "
@@ -170,11 +184,49 @@ class MergeConfig:
             if self.divisor == "weight" and min(weights) <= 0:
                 raise ValueError(f"divisor 'weight' needs positive weights, got {list(weights)}")
             object.__setattr__(self, "weights", weights)
+        if spec.is_subspace:
+            if self.space != "delta":
+                raise ValueError(
+                    f"{self.method!r} merges whole matrices in a subspace: space must be 'delta'"
+                )
+            if spec.subspace != "knots" and self.divisor != "none":
+                raise ValueError(f"{self.method!r} takes no divisor; leave it unset")
+            if spec.subspace == "knots" and self.trim != "per-tensor":
+                raise ValueError(
+                    "knots trims its coefficients per matrix (the aligned basis is per cluster "
+                    "and layer): trim must be 'per-tensor'"
+                )
+        if spec.sparsify == "della" and self.density < 1:
+            if not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
+                raise ValueError(
+                    f"epsilon must keep density +- epsilon in (0, 1); got density "
+                    f"{self.density}, epsilon {self.epsilon}"
+                )
         if self.space == "factor" and self.is_ties and self.divisor == "weight":
             raise ValueError(
                 "divisor 'weight' for TIES is defined in delta space only (in factor space the "
                 "per-side weights carry the LoRA scale); use divisor 'count' or 'none'"
             )
+
+    def _check_params(self, spec: MergeMethod) -> None:
+        """Fill in the defaults of the method's extra parameters; refuse the others."""
+        for name, default in PARAM_DEFAULTS.items():
+            value = getattr(self, name)
+            if name not in spec.params:
+                if value is not None:
+                    raise ValueError(
+                        f"{name} does not apply to method {self.method!r}; leave it unset"
+                    )
+                continue
+            value = default if value is None else float(value)
+            if value is not None:
+                low_open = name in ("sv_fraction",)
+                if not math.isfinite(value) or not (
+                    (value > 0 if low_open else value >= 0) and value <= 1
+                ):
+                    interval = "(0, 1]" if low_open else "[0, 1]"
+                    raise ValueError(f"{name} must be in {interval}, got {value}")
+            object.__setattr__(self, name, value)
 
     @property
     def spec(self) -> MergeMethod:
@@ -284,12 +336,16 @@ def _row_thresholds(blocks: list[jax.Array], density: float) -> jax.Array:
     row axis; each row keeps ``k = int(density * sum M_j)`` entries across all its
     blocks.
     """
+    return _row_thresholds_k(blocks, int(density * sum(b.shape[1] for b in blocks)))
+
+
+def _row_thresholds_k(blocks: list[jax.Array], k: int) -> jax.Array:
+    """`_row_thresholds` keeping the top `k` entries of each row (static k)."""
     rows = blocks[0].shape[0]
     total = sum(b.shape[1] for b in blocks)
-    k = int(density * total)
     if k >= total:
         return jnp.zeros((rows,), jnp.int32)  # every bit pattern of |x| is >= 0
-    if k == 0:
+    if k <= 0:
         return jnp.full((rows,), KEEP_NONE, jnp.int32)
 
     def row_threshold(row_blocks):
@@ -320,6 +376,12 @@ def trim_thresholds(tree: Tree, density: float, scope: Literal["global", "per-te
         per adapter over all entries of all leaves together (every matrix of an
         adapter then shares its threshold).
     """
+    return _scoped_thresholds(tree, scope, lambda total: int(density * total))
+
+
+def _scoped_thresholds(tree: Tree, scope: str, top_k) -> Tree:
+    """Per-matrix thresholds keeping the ``top_k(entries)`` largest magnitudes of each
+    matrix ("per-tensor") or of each adapter ("global"); see `trim_thresholds`."""
     _choice("trim", scope, TRIMS)
     leaves, treedef = jax.tree.flatten(tree)
     n = _leading_size(tree)
@@ -331,19 +393,62 @@ def trim_thresholds(tree: Tree, density: float, scope: Literal["global", "per-te
     shapes = [leaf.shape for leaf in leaves]
     leaves = [_magnitude_bits(leaf) for leaf in leaves]
     if scope == "global":
-        per_adapter = _row_thresholds([leaf.reshape(n, -1) for leaf in leaves], density)
+        blocks = [leaf.reshape(n, -1) for leaf in leaves]
+        per_adapter = _row_thresholds_k(blocks, top_k(sum(b.shape[1] for b in blocks)))
         thresholds = [
             jnp.broadcast_to(per_adapter.reshape((n,) + (1,) * (len(shape) - 3)), shape[:-2])
             for shape in shapes
         ]
     else:
         thresholds = [
-            _row_thresholds([leaf.reshape(-1, leaf.shape[-2] * leaf.shape[-1])], density).reshape(
-                leaf.shape[:-2]
-            )
+            _row_thresholds_k(
+                [leaf.reshape(-1, leaf.shape[-2] * leaf.shape[-1])],
+                top_k(leaf.shape[-2] * leaf.shape[-1]),
+            ).reshape(leaf.shape[:-2])
             for leaf in leaves
         ]
     return jax.tree.unflatten(treedef, thresholds)
+
+
+def breadcrumb_counts(total: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(k_low, k_high)`` of Model Breadcrumbs over `total` entries (mergekit
+    ``magnitude_outliers``): keep the ``k_low`` largest magnitudes except the
+    ``k_high`` largest.
+
+    mergekit keeps ``target = int(density * total)`` entries after dropping the
+    ``int(gamma * total)`` largest, dropping fewer outliers when both do not fit;
+    ``density >= 1`` keeps everything (outliers included).
+    """
+    if density >= 1:
+        return total, 0
+    target, top = int(density * total), int(gamma * total)
+    bottom = max(0, total - target - top)
+    return total - bottom, total - bottom - target
+
+
+def band_thresholds(
+    tree: Tree, density: float, gamma: float, scope: Literal["global", "per-tensor"]
+) -> Tree:
+    """Model Breadcrumbs thresholds, one pair per matrix: leaves ``[N, ..., 2]`` int32
+    bit patterns ``(low, high)``; keep ``low <= bits < high`` (`apply_band`).
+
+    Args:
+      tree: pytree of ``[N, ..., m, n]`` leaves.
+      density: fraction kept after the outliers are dropped (`breadcrumb_counts`).
+      gamma: fraction of the largest magnitudes dropped.
+      scope: "per-tensor" (mergekit) or "global" (per adapter), as `trim_thresholds`.
+    """
+    low = _scoped_thresholds(tree, scope, lambda t: breadcrumb_counts(t, density, gamma)[0])
+    high = _scoped_thresholds(tree, scope, lambda t: breadcrumb_counts(t, density, gamma)[1])
+    # Keeping the top 0 gives KEEP_NONE, above every finite magnitude: no outlier
+    # is dropped then, since the upper bound is exclusive.
+    return jax.tree.map(lambda lo, hi: jnp.stack([lo, hi], axis=-1), low, high)
+
+
+def apply_band(x: jax.Array, thresholds: jax.Array) -> jax.Array:
+    """Keep-mask of ``x [..., m, n]`` under per-matrix `band_thresholds` ``[..., 2]``."""
+    bits = _magnitude_bits(x)
+    return (bits >= thresholds[..., 0, None, None]) & (bits < thresholds[..., 1, None, None])
 
 
 def apply_thresholds(x: jax.Array, thresholds: jax.Array) -> jax.Array:
@@ -405,13 +510,90 @@ def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
     return jax.tree.unflatten(treedef, masks)
 
 
+def della_probabilities(x: jax.Array, density: float, epsilon: float) -> jax.Array:
+    """DELLA MagPrune keep probabilities of ``x [..., m, n]`` (mergekit ``della_magprune``).
+
+    Each row's entries are ranked by |x| ascending (1 .. n, ties in index order),
+    and entry j keeps with probability ``density - epsilon + 2 epsilon (rank_j - 1)
+    / (n - 1)``: the largest magnitudes are the likeliest kept.
+    """
+    magnitudes = jnp.abs(x)
+    ranks = jnp.argsort(jnp.argsort(magnitudes, axis=-1, stable=True), axis=-1, stable=True)
+    n = x.shape[-1]
+    rank_norm = jnp.clip(ranks.astype(jnp.float32) / max(n - 1, 1), 0.0, 1.0)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
+
+
+def della_uniform(keys: jax.Array, leaf: int, matrix: jax.Array | int, shape) -> jax.Array:
+    """Uniform draws ``[*keys.shape, *shape]`` deciding DELLA's masks of one matrix of
+    each key's adapter; streams as `dare_keep` (``fold_in(fold_in(key, leaf), matrix)``)."""
+
+    def one(key):
+        key = jax.random.fold_in(jax.random.fold_in(key, leaf), matrix)
+        return jax.random.uniform(key, tuple(shape), jnp.float32)
+
+    return jax.vmap(one)(keys.reshape(-1)).reshape(keys.shape + tuple(shape))
+
+
+# mergekit's ``rescaled_masked_tensor``: no rescaling when either L1 norm is below this.
+RESCALE_EPS = 1e-7
+
+
+def della_sparsify(
+    x: jax.Array, uniform: jax.Array, density: float, epsilon: float
+) -> tuple[jax.Array, jax.Array]:
+    """DELLA on ``x [..., m, n]`` given its draws ``uniform [..., m, n]`` in [0, 1).
+
+    Returns ``(keep [..., m, n] bool, rescale [...])``: an entry is kept where
+    ``uniform < della_probabilities`` (what ``torch.bernoulli`` does), and each
+    matrix is then multiplied by ``||x||_1 / ||x * keep||_1`` (mergekit's default
+    ``rescale``: L1 norm; 1 where either norm is below `RESCALE_EPS`). ``density >= 1``
+    keeps everything unscaled.
+    """
+    if density >= 1:
+        return jnp.ones(x.shape, bool), jnp.ones(x.shape[:-2], x.dtype)
+    keep = uniform < della_probabilities(x, density, epsilon)
+    before = jnp.sum(jnp.abs(x), axis=(-2, -1))
+    after = jnp.sum(jnp.where(keep, jnp.abs(x), 0.0), axis=(-2, -1))
+    small = (before < RESCALE_EPS) | (after < RESCALE_EPS)
+    return keep, jnp.where(small, 1.0, before / jnp.where(small, 1.0, after))
+
+
+def della_tree(keys: jax.Array, tree: Tree, density: float, epsilon: float) -> Tree:
+    """DELLA-sparsified `tree` (leaves ``[N, ..., m, n]``), each matrix drawing its own
+    stream from its adapter's key (`della_uniform`)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    n = _leading_size(tree)
+    if keys.shape != (n,) or not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        raise ValueError(
+            f"keys must be {n} typed PRNG keys (jax.random.key), got {keys.shape} {keys.dtype}"
+        )
+    out = []
+    for j, leaf in enumerate(leaves):
+        if leaf.ndim < 3:
+            raise ValueError(f"DELLA needs [N, ..., m, n] leaves, got {leaf.shape}")
+        matrices = math.prod(leaf.shape[1:-2])
+        u = jax.vmap(lambda i, j=j, leaf=leaf: della_uniform(keys, j, i, leaf.shape[-2:]))(
+            jnp.arange(matrices)
+        )  # [M, N, m, n]
+        u = jnp.moveaxis(u, 0, 1).reshape(leaf.shape)
+        keep, rescale = della_sparsify(leaf, u, density, epsilon)
+        out.append(jnp.where(keep, leaf * rescale[..., None, None], 0))
+    return jax.tree.unflatten(treedef, out)
+
+
 def _sparsify(tree: Tree, config: MergeConfig, keys: jax.Array | None) -> Tree:
     if config.spec.sparsify == "magnitude":
         masks = trim_masks(tree, config.density, config.trim)
         return jax.tree.map(lambda x, m: jnp.where(m, x, 0), tree, masks)
+    if config.spec.sparsify == "breadcrumbs":
+        bands = band_thresholds(tree, config.density, config.gamma, config.trim)
+        return jax.tree.map(lambda x, t: jnp.where(apply_band(x, t), x, 0), tree, bands)
+    if config.spec.sparsify in ("dare", "della") and keys is None:
+        raise ValueError(f"method {config.method!r} needs PRNG keys for its random masks")
+    if config.spec.sparsify == "della":
+        return della_tree(keys, tree, config.density, config.epsilon)
     if config.spec.sparsify == "dare":
-        if keys is None:
-            raise ValueError(f"method {config.method!r} needs PRNG keys for its random masks")
         masks = dare_masks(keys, tree, config.density)
         return jax.tree.map(lambda x, m: jnp.where(m, x / config.density, 0), tree, masks)
     return tree
@@ -453,7 +635,7 @@ def prepare_factors(
     for m in modules:
         if set(factors[m]) != {"A", "B"}:
             raise ValueError(f"{m}: expected factors {{'A', 'B'}}, got {sorted(factors[m])}")
-    if config.spec.sparsify == "dare":
+    if config.spec.sparsify in ("dare", "della"):
         return _sparsify({m: dict(factors[m]) for m in modules}, config, keys)
     sides = {side: _sparsify({m: factors[m][side] for m in modules}, config, keys) for side in "AB"}
     return {m: {side: sides[side][m] for side in "AB"} for m in modules}
@@ -708,3 +890,238 @@ def keep_single_members(merged: Tree, first: Tree, valid: jax.Array) -> Tree:
         merged,
         first,
     )
+
+
+# --------------------------------------------------------------------------- subspace merges
+#
+# TSV-M, Iso-C, Iso-CTS and KnOTS need every member's whole matrix at once (SVDs of
+# each member, of their sum or of their concatenation), so they are not member sums:
+# `subspace_members` merges one module-layer of each cluster from its members'
+# factors. Every member delta is ``c_n B_n A_n`` of rank <= r, so every SVD is taken
+# in factored form (thin QRs of the stacked factors, then the SVD of a small core),
+# which is exact and costs O(d (S r)^2) instead of O(d^3) per cluster.
+#
+# The references (FusionBench's ``TSVM_utils.compute_and_sum_svd_mem_reduction``,
+# ``iso_utils.iso_c`` / ``iso_cts``, KnOTS's ``SVDMerger``) take full SVDs of dense,
+# full-rank task matrices. On LoRA deltas those SVDs also return an arbitrary basis
+# of the null space (singular value 0) that TSV-M and Iso-CTS would concatenate and
+# orthogonalise with the rest; here only the directions the members span are used:
+# a direction whose singular value is at most `SUPPORT_RTOL` times the largest is
+# dropped. On full-rank matrices nothing is dropped and the methods are the
+# references' (tests/test_merge.py checks both against transcriptions).
+
+# Singular values at most this fraction of the largest are float32 noise of an
+# exactly rank-deficient product: such directions are outside the members' span.
+SUPPORT_RTOL = 1e-5
+
+# KnOTS keeps the components of the joint SVD with a singular value above this
+# (the KnOTS repository's ``apply_svd``: ``s > 1e-5``).
+KNOTS_EPS = 1e-5
+
+
+def factored_svd(b: jax.Array, a: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Thin SVD of ``b @ a`` without forming it.
+
+    Args:
+      b: ``[..., d_out, R]``.
+      a: ``[..., R, d_in]``.
+
+    Returns:
+      ``(u [..., d_out, k], s [..., k], vt [..., k, d_in])`` with ``k = min(d_out,
+      d_in, R)``, singular values descending: ``b @ a = u diag(s) vt``.
+    """
+    qb, rb = jnp.linalg.qr(b)  # [.., d_out, k1], [.., k1, R]
+    qa, ra = jnp.linalg.qr(jnp.swapaxes(a, -1, -2))  # [.., d_in, k2], [.., k2, R]
+    uc, s, vct = jnp.linalg.svd(rb @ jnp.swapaxes(ra, -1, -2), full_matrices=False)
+    return qb @ uc, s, vct @ jnp.swapaxes(qa, -1, -2)
+
+
+def polar(m: jax.Array) -> jax.Array:
+    """Orthogonal polar factor ``P Q^T`` of ``m [..., p, q] = P S Q^T`` (the nearest
+    matrix with orthonormal columns, Procrustes); zero columns stay zero when the
+    others are linearly independent."""
+    p, _, qt = jnp.linalg.svd(m, full_matrices=False)
+    return p @ qt
+
+
+def _per_count(values) -> jax.Array:
+    """A host table indexed by the member count T (entry 0 unused)."""
+    return jnp.asarray(np.asarray(values, np.int32))
+
+
+def tsv_keep_counts(slots: int, min_dim: int, sv_fraction: float | None) -> jax.Array:
+    """``[slots + 1]``: singular vectors each of T members keeps, FusionBench's
+    ``int(min_dim * sv_reduction)`` with ``sv_reduction = 1 / T`` by default."""
+    return _per_count([0] + [int(min_dim * (sv_fraction or 1 / t)) for t in range(1, slots + 1)])
+
+
+def iso_cts_counts(slots: int, min_dim: int, common_fraction: float) -> tuple[jax.Array, ...]:
+    """``([slots + 1], [slots + 1])``: Iso-CTS's common-subspace size and directions
+    per member for T members (FusionBench ``iso_cts``: the task-specific part is
+    rounded to a multiple of T and the common part takes the rest)."""
+    common, per_task = [0], [0]
+    for t in range(1, slots + 1):
+        size = int(min_dim * common_fraction)
+        specific = round((min_dim - size) / t) * t
+        common.append(min_dim - specific)
+        per_task.append(specific // t)
+    return _per_count(common), _per_count(per_task)
+
+
+def _columns(x: jax.Array) -> jax.Array:
+    """``[S, d, k] -> [d, S k]``: members' column blocks side by side."""
+    return jnp.moveaxis(x, 0, -2).reshape(x.shape[1], -1)
+
+
+def _select(u, s, vt, value, keep: int) -> jax.Array:
+    """``[d_out, d_in]`` from the `keep` directions with the largest `s` (pairs of
+    columns of ``u [d_out, k]`` and rows of ``vt [k, d_in]``), each given singular
+    value `value` (``[k]``)."""
+    order = jnp.argsort(-s)[: min(keep, s.shape[0])]
+    return (u[:, order] * value[order]) @ vt[order]
+
+
+def _tsv(a, b, coef, valid, keep, config):
+    """TSV-M of one cluster: ``a [S, r, d_in]``, ``b [S, d_out, r]``, ``coef [S]``."""
+    min_dim = min(b.shape[-2], a.shape[-1])
+    u, s, vt = factored_svd(b * coef[:, None, None], a)  # [S, d_out, k], [S, k], [S, k, d_in]
+    count = tsv_keep_counts(valid.shape[0], min_dim, config.sv_fraction)[valid.sum()]
+    column = jnp.arange(s.shape[-1])
+    kept = (
+        valid[:, None] & (column < count) & (s > SUPPORT_RTOL * jnp.max(s, axis=-1, keepdims=True))
+    )
+    s = jnp.where(kept, s, 0.0)
+    pu = polar(_columns(u * kept[:, None, :]))  # [d_out, S k]
+    pv = polar(_columns(jnp.swapaxes(vt, -1, -2) * kept[:, None, :]))  # [d_in, S k]
+    s = s.reshape(-1)
+    # Orthonormal pu, pv: the singular values of the merge are exactly s, so the top
+    # `keep` of them are its best rank-`keep` truncation.
+    return _select(pu, s, pv.T, s, keep)
+
+
+def _iso_c(a, b, coef, valid, keep, config):
+    """Iso-C of one cluster (arguments as `_tsv`)."""
+    del valid, config
+    min_dim = min(b.shape[-2], a.shape[-1])
+    u, s, vt = factored_svd(_columns(b * coef[:, None, None]), a.reshape(-1, a.shape[-1]))
+    support = s > SUPPORT_RTOL * s[0]
+    # The reference's mean runs over all min(d_out, d_in) singular values.
+    mean = jnp.sum(s) / min_dim
+    return _select(u, s, vt, jnp.where(support, mean, 0.0), keep)
+
+
+def _iso_cts(a, b, coef, valid, keep, config):
+    """Iso-CTS of one cluster (arguments as `_tsv`)."""
+    slots, min_dim = valid.shape[0], min(b.shape[-2], a.shape[-1])
+    weighted = b * coef[:, None, None]
+    u0, s0, vt0 = factored_svd(_columns(weighted), a.reshape(-1, a.shape[-1]))
+    common_counts, task_counts = iso_cts_counts(slots, min_dim, config.common_fraction)
+    members = valid.sum()
+    floor = SUPPORT_RTOL * s0[0]
+    common = (jnp.arange(s0.shape[0]) < common_counts[members]) & (s0 > floor)
+    uc = u0 * common
+    # Each member without the common subspace: (I - Uc Uc^T) c B A, still factored.
+    specific = weighted - uc @ (uc.T @ weighted)
+    u, s, vt = factored_svd(specific, a)
+    kept = valid[:, None] & (jnp.arange(s.shape[-1]) < task_counts[members]) & (s > floor)
+    u_all = jnp.concatenate([_columns(u * kept[:, None, :]), uc], axis=1)
+    v_all = jnp.concatenate(
+        [_columns(jnp.swapaxes(vt, -1, -2) * kept[:, None, :]), vt0.T * common], axis=1
+    )
+    s_all = jnp.concatenate([jnp.where(kept, s, 0.0).reshape(-1), jnp.where(common, s0, 0.0)])
+    mean = jnp.sum(s_all) / min_dim
+    return _select(polar(u_all), s_all, polar(v_all).T, jnp.where(s_all > 0, mean, 0.0), keep)
+
+
+def _dynamic_threshold(bits: jax.Array, k: jax.Array) -> jax.Array:
+    """`_top_k_threshold` of a 1-D row for a traced count k (any value)."""
+    total = bits.size
+    found = _top_k_threshold([bits], jnp.clip(k, 1, max(total - 1, 1)))
+    return jnp.where(k >= total, 0, jnp.where(k <= 0, KEEP_NONE, found))
+
+
+def knots_coefficients(a, b, scale, valid):
+    """KnOTS alignment of one cluster: the SVD of the members' concatenated deltas
+    ``[c_1 B_1 A_1, ..., c_S B_S A_S] = U diag(s) [Vt_1, ..., Vt_S]``.
+
+    Args:
+      a: ``[S, r, d_in]``; b: ``[S, d_out, r]``; scale: ``[S]`` LoRA scales;
+      valid: ``[S]`` slots in use (others contribute zero).
+
+    Returns:
+      ``(u [d_out, k], x [S, k, d_in], support [k])``: the shared basis and each
+      member's coefficients ``x_n = diag(s) Vt_n`` (KnOTS's ``s_on_V``), so member
+      n's delta is ``u @ x_n``; components with ``s <= KNOTS_EPS`` (or float32 noise)
+      are zero.
+    """
+    slots, rank = a.shape[0], a.shape[1]
+    coef = jnp.where(valid, scale, 0.0)
+    qb, rb = jnp.linalg.qr(_columns(b * coef[:, None, None]))  # [d_out, k1], [k1, S r]
+    qa, ra = jnp.linalg.qr(jnp.swapaxes(a, -1, -2))  # [S, d_in, r2], [S, r2, r]
+    # [c B_1 A_1, ...] = qb rb blockdiag(ra_n^T) blockdiag(qa_n^T): SVD the core.
+    core = jnp.einsum("ksj,sij->ksi", rb.reshape(-1, slots, rank), ra).reshape(rb.shape[0], -1)
+    uk, s, vkt = jnp.linalg.svd(core, full_matrices=False)
+    support = s > jnp.maximum(KNOTS_EPS, SUPPORT_RTOL * s[0])
+    sv = (jnp.where(support, s, 0.0)[:, None] * vkt).reshape(s.shape[0], slots, -1)
+    x = jnp.einsum("ksi,sdi->skd", sv, qa)
+    return qb @ uk, x, support
+
+
+def _knots(a, b, scale, weights, valid, config):
+    """KnOTS of one cluster: align (`knots_coefficients`), sparsify and combine the
+    coefficients with the method's consensus and divisor, map back by ``u``."""
+    u, x, support = knots_coefficients(a, b, scale, valid)
+    if config.spec.sparsify == "magnitude":
+        # The reference trims among the supported components only, and its
+        # ``topk_values_mask`` keeps |x| >= the (n - int(density n))-th smallest
+        # magnitude: int(density n) + 1 entries (density < 1).
+        k = jnp.floor(config.density * support.sum() * x.shape[-1]).astype(jnp.int32)
+        k = k + (config.density < 1)
+        bits = _magnitude_bits(x).reshape(x.shape[0], -1)
+        thresholds = jax.vmap(_dynamic_threshold, in_axes=(0, None))(bits, k)
+        x = jnp.where(apply_thresholds(x, thresholds), x, 0.0)
+    stats = member_sums(x[None], valid[None], weights[None], config)
+    merged = finish_sums(stats, config) * cluster_factor(valid[None], weights[None], config)[0]
+    return u @ merged[0]
+
+
+def subspace_members(
+    a: jax.Array,
+    b: jax.Array,
+    scale: jax.Array,
+    valid: jax.Array,
+    weights: jax.Array,
+    config: MergeConfig,
+    keep: int,
+) -> jax.Array:
+    """Merge one module-layer of each cluster with a subspace method (TSV-M, Iso-C,
+    Iso-CTS, KnOTS; `config.spec.subspace`).
+
+    Args:
+      a: ``[C, S, r, d_in]`` the members' A factors (slot s of row c is a member
+        where ``valid[c, s]``).
+      b: ``[C, S, d_out, r]`` the members' B factors.
+      scale: ``[C, S]`` the members' LoRA scales.
+      valid: ``[C, S]`` bool.
+      weights: ``[C, S]`` the members' weights: TSV-M and Iso scale each member's
+        task matrix by its weight before merging (FusionBench's per-task alpha);
+        KnOTS weights the coefficients in its combine.
+      config: the merge (static); ``config.lam`` multiplies the result.
+      keep: TSV-M, Iso-C and Iso-CTS return only their `keep` strongest directions
+        (by singular value before Iso flattens the spectrum: the truncation of an
+        isotropic matrix is otherwise arbitrary); the engine passes the rank r, so
+        the usual truncation back to rank r is then exact. KnOTS returns its full
+        merge (rank up to ``S r``), which that truncation cuts to rank r.
+
+    Returns:
+      ``[C, d_out, d_in]`` dense merged deltas.
+    """
+    valid = valid.astype(bool)
+    subspace = config.spec.subspace
+    if subspace == "knots":
+        merged = jax.vmap(functools.partial(_knots, config=config))(a, b, scale, weights, valid)
+        return merged
+    coef = jnp.where(valid, scale * weights, 0.0)
+    one = {"tsv": _tsv, "iso_c": _iso_c, "iso_cts": _iso_cts}[subspace]
+    merged = jax.vmap(lambda *args: one(*args, keep=keep, config=config))(a, b, coef, valid)
+    return merged * config.lam

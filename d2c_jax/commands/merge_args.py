@@ -114,12 +114,39 @@ def add_merge_arguments(
         "merged like any cluster, e.g. trimmed by TIES (mergekit) (default: %(default)s)",
     )
     group.add_argument(
+        "--gamma",
+        type=fraction,
+        default=None,
+        help="breadcrumbs*: fraction of the largest magnitudes dropped (default: mergekit's 0.01)",
+    )
+    group.add_argument(
+        "--epsilon",
+        type=fraction,
+        default=None,
+        help="della*: keep probabilities run from density - epsilon (smallest |x| of a row) "
+        "to density + epsilon (largest) (default: mergekit's 0.15)",
+    )
+    group.add_argument(
+        "--common-fraction",
+        type=fraction,
+        default=None,
+        help="iso_cts: fraction of min(d_out, d_in) given to the common subspace "
+        "(default: FusionBench's 0.8)",
+    )
+    group.add_argument(
+        "--sv-fraction",
+        type=fraction,
+        default=None,
+        help="tsvm: fraction of min(d_out, d_in) singular vectors each member keeps, at most "
+        "its rank (default: 1 / the cluster's member count, as TSV-M)",
+    )
+    group.add_argument(
         "--seed",
         type=int,
         default=0,
         help=seed_help
-        or "seed of DARE's random masks; an adapter's mask depends on the seed and its name "
-        "(default: %(default)s)",
+        or "seed of DARE's and DELLA's random masks; an adapter's mask depends on the seed "
+        "and its name (default: %(default)s)",
     )
 
 
@@ -155,6 +182,10 @@ def merge_config_from_args(
             weights=tuple(args.weights) if args.weights is not None else None,
             seed=args.seed,
             singletons=args.singletons,
+            gamma=getattr(args, "gamma", None),
+            epsilon=getattr(args, "epsilon", None),
+            common_fraction=getattr(args, "common_fraction", None),
+            sv_fraction=getattr(args, "sv_fraction", None),
         )
     except ValueError as err:
         raise ValueError(f"invalid merge flags: {err}") from None
