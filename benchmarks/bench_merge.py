@@ -386,6 +386,33 @@ def main(argv: list[str] | None = None) -> int:
                 truncation=truncation,
             )
 
+    # Methods PEFT does not have (mergekit's DELLA / breadcrumbs, FusionBench's and
+    # KnOTS's subspace merges): our batched merge of the K clusters, timed by stage;
+    # their references' timings are not in this benchmark yet.
+    beyond_peft = [
+        ("della", "delta", dict(density=0.5)),
+        ("breadcrumbs", "delta", dict(density=0.2)),
+        ("tsvm", "delta", {}),
+        ("iso_c", "delta", {}),
+        ("iso_cts", "delta", {}),
+        ("knots_ties", "delta", dict(density=1.0)),
+    ]
+    if not args.quick:
+        beyond_peft += [
+            ("della_linear", "factor", dict(density=0.5)),
+            ("breadcrumbs_ties", "factor", dict(density=0.2)),
+            ("knots_linear", "delta", {}),
+        ]
+    others = {}
+    for method, space, extra in beyond_peft:
+        label = f"{space} {method} K={k}"
+        print(f"{label} ...", flush=True)
+        timings, _ = bench_ours(
+            jparams, jscale, names, clusters, MergeConfig(method, space=space, **extra), repeat
+        )
+        others[label] = {"config": MergeConfig(method, space=space, **extra).to_dict(), **timings}
+        print(f"  end to end {timings['end_to_end']}", flush=True)
+
     # measured again at the end; on a shared machine the better of the two is the
     # closer estimate of what the hardware can do
     bandwidth_end = memory_bandwidth()
@@ -418,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "memory_bandwidth": bandwidth,
             "memory_bandwidth_runs": {"start": bandwidth_start, "end": bandwidth_end},
             "results": results,
+            "beyond_peft": others,
         },
     )
     print(f"wrote {path}")
