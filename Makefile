@@ -48,8 +48,10 @@ lint: install-test
 clean-venv:
 	rm -rf $(VENV)
 
+# BASE=gemma3-270m trains the Gemma 3 library (d2c_jax/data/library-gemma3-270m)
+BASE ?= default
 library: install
-	$(PY) -m d2c_jax.build_library
+	$(PY) -m d2c_jax.build_library --base $(BASE)
 
 paper: install
 	$(PY) benchmarks/paper_table.py

@@ -1,17 +1,18 @@
 """Build the embedded adapter library: train, evaluate, and write its manifest (`make library`).
 
-    python -m d2c_jax.build_library [--out d2c_jax/data/library]
+    python -m d2c_jax.build_library [--base default|gemma3-270m] [--out DIR] [--only TASK ...]
 
-1. Train one LoRA adapter per task of the built-in suite on the embedded SmolLM2
+1. Train one LoRA adapter per task of the built-in suite on an embedded base (SmolLM2
+   by default; ``--base gemma3-270m`` writes ``d2c_jax/data/library-gemma3-270m``)
    (`d2c_jax.train.train_library`; resumable per adapter and within one).
 2. Evaluate on each task's *test* split (its first `TEST_EXAMPLES_PER_TASK`
-   examples; greedy generation, `d2c_jax.evaluate`):
-   the base model (raw prompt, and the prompt as a chat turn, which is how a user
-   would ask the instruct model), the task's own adapter, and reference merges:
-   all adapters merged into one, and the groupings by language (K = number of
-   languages) and by problem type (K = number of types), each merged with the
-   engine's default merge. Results are saved per evaluation as they finish, so an
-   interrupted build resumes where it stopped.
+   examples; greedy generation, `d2c_jax.evaluate`): the base model (raw prompt, and
+   the prompt as a chat turn, which is how a user would ask an instruct model; only
+   where the tokenizer has a chat template), the task's own adapter, and reference
+   merges: all adapters merged into one, and the groupings by language (K = number of
+   languages) and by problem type (K = number of types), each merged with the engine's
+   default merge. Results are saved per evaluation as they finish, so an interrupted
+   build resumes where it stopped.
 3. Write ``<out>/manifest.json``: training config, seed, per-task steps, wall time,
    stop reason, and every score above.
 
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from d2c_jax.models import load_base
 
     parser = argparse.ArgumentParser(prog="python -m d2c_jax.build_library", description=__doc__)
-    parser.add_argument("--out", type=Path, default=embedded_library_dir())
+    parser.add_argument("--base", default="default", help="embedded base (default, gemma3-270m)")
+    parser.add_argument("--out", type=Path, default=None, help="default: the base's library")
     parser.add_argument("--tasks", type=Path, default=None, help="suite dir (default: built-in)")
     parser.add_argument("--max-steps", type=int, default=TrainConfig.max_steps)
     parser.add_argument("--only", nargs="+", default=None, help="train only these tasks")
@@ -123,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.tasks or task_suite.suite_dir())
     config = TrainConfig(max_steps=args.max_steps, seed=args.seed)
-    base = load_base("default")
+    base = load_base(args.base)
+    args.out = args.out or embedded_library_dir(args.base)
     # Language-major order, so that a partly built library covers every problem type.
     names = sorted(
         task_suite.list_tasks(),
@@ -155,20 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     library = AdapterLibrary.load(args.out)
     merge_config = DEFAULT_MERGE
     cache = args.out / EVAL_DIR_NAME
+    settings = [s for s in SETTINGS if s != "base_chat" or base.tokenizer.chat_template]
     scores = {
         s: evaluate_setting(
             base, library, s, root, "test", cache, merge_config, limit=TEST_EXAMPLES_PER_TASK
         )
-        for s in SETTINGS
+        for s in settings
     }
     manifest["evaluation"] = {
         "split": "test",
         "examples_per_task": TEST_EXAMPLES_PER_TASK,
         "merge": merge_config.to_dict(),
         "max_new_tokens": MAX_NEW_TOKENS,
-        "average": {s: average_metrics(scores[s]) for s in SETTINGS},
+        "average": {s: average_metrics(scores[s]) for s in settings},
         "relative_to_single": {
-            s: relative_score(scores[s], scores["single"]) for s in SETTINGS if s != "single"
+            s: relative_score(scores[s], scores["single"]) for s in settings if s != "single"
         },
         "per_task": scores,
     }

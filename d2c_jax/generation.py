@@ -122,6 +122,11 @@ def generate(
     if params is not None:
         check_adapter(base.config, params)
     tok = base.tokenizer
+    if chat_template and not tok.chat_template:
+        raise ValueError(
+            f"the tokenizer of base model {base.name!r} has no chat template "
+            "(a pretrained, not instruction-tuned, model?): give raw prompts (d2c generate --raw)"
+        )
     if chat_template:
         texts = [
             tok.apply_chat_template(

@@ -115,9 +115,11 @@ _UNSUPPORTED_WHEN_NONEMPTY = (
 LoraParams = dict[str, dict[str, jax.Array]]
 
 
-def embedded_library_dir() -> Path:
-    """The library of 40 adapters for the embedded SmolLM2 shipped with the package."""
-    return Path(__file__).parent / "data" / "library"
+def embedded_library_dir(base: str = "default") -> Path:
+    """The library shipped for an embedded base: ``data/library`` (40 adapters for the
+    default SmolLM2), ``data/library-<base>`` for another (``gemma3-270m``)."""
+    root = Path(__file__).parent / "data"
+    return root / "library" if base == "default" else root / f"library-{base}"
 
 
 class AdapterError(ValueError):
