@@ -153,8 +153,8 @@ def tasks_dir(job: ClusterJob) -> Path:
     return Path(job.tasks) if job.tasks is not None else suite_dir()
 
 
-def load_library(job: ClusterJob) -> AdapterLibrary:
-    return AdapterLibrary.load(library_dir(job))
+def load_library(job: ClusterJob, num_layers: int | None = None) -> AdapterLibrary:
+    return AdapterLibrary.load(library_dir(job), num_layers=num_layers)
 
 
 def read_task_examples(

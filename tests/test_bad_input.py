@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from d2c_jax.cli import main
+from d2c_jax.models.families import FAMILIES, GGUF_ARCHS
 from tests.conftest import save_random_library
 
 TASKS = ("t0", "t1", "t2", "t3")
@@ -281,6 +282,43 @@ def _language_model_keys(library: Path) -> None:
     save_file({k.replace(prefix, multimodal, 1): v for k, v in tensors.items()}, str(path))
 
 
+def _bert_gguf(root: Path) -> None:
+    """bert.gguf: a GGUF whose general.architecture is one llama.cpp has and we do not."""
+    import gguf
+
+    target = root / "bert.gguf"
+    if target.exists():
+        return
+    writer = gguf.GGUFWriter(str(target), "bert")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# An unsupported base is refused from its config alone, before any other input is read:
+# every other input of these cases is missing, and the message is still about the base.
+_BERT = _copy_base("base_bert", config={"model_type": "bert"})
+BERT_MESSAGE = (
+    f"{{R}}/base_bert/config.json: model_type 'bert' is not supported "
+    f"({', '.join(sorted(FAMILIES))})"
+)
+BERT_GGUF_MESSAGE = (
+    f"{{R}}/bert.gguf: GGUF architecture 'bert' is not supported ({', '.join(sorted(GGUF_ARCHS))})"
+)
+UNSUPPORTED_BASE_CASES = [
+    ("score-base-unsupported", ["score", "--base", "{R}/base_bert", "--examples", "{R}/nope.jsonl", "--adapter", "{R}/nope"], BERT_MESSAGE, _BERT),
+    ("generate-base-unsupported", ["generate", "--base", "{R}/base_bert", "--prompt", "hi", "--adapter", "{R}/nope"], BERT_MESSAGE, _BERT),
+    ("train-base-unsupported", ["train", "--base", "{R}/base_bert", "--tasks", "{R}/nope", "--out", "{R}/tr"], BERT_MESSAGE, _BERT),
+    ("cluster-d2c-base-unsupported", ["cluster", "--method", "d2c", "--base", "{R}/base_bert", "--library", "{R}/nope", "--tasks", "{R}/nope", "--budget", "2", "--out", "{R}/cl_bert"], BERT_MESSAGE, _BERT),
+    ("cluster-kmeans-tasks-base-unsupported", ["cluster", "--method", "kmeans", "--base", "{R}/base_bert", "--library", "{R}/nope", "--tasks", "{R}/nope", "--budget", "2", "--out", "{R}/cl_bert"], BERT_MESSAGE, _BERT),
+    ("evaluate-base-unsupported", ["evaluate", "--base", "{R}/base_bert", "--assignment", "{R}/nope", "--library", "{R}/nope", "--tasks", "{R}/nope", "--out", "{R}/e.json"], BERT_MESSAGE, _BERT),
+    ("export-base-unsupported", ["export", "--clusters", "{R}/nope", "--base", "{R}/bert.gguf", "--out", "{R}/ex"], BERT_GGUF_MESSAGE, _bert_gguf),
+    ("export-base-unsupported-hf", ["export", "--clusters", "{R}/nope", "--base", "{R}/base_bert", "--out", "{R}/ex"], BERT_MESSAGE, _BERT),
+]  # fmt: skip
+
 LIB = ["--adapters", "{R}/library"]
 MERGE = ["merge", *LIB, "--method", "ties", "--density", "0.5"]
 SCORE = ["score", "--base", "{R}/base", "--examples", "{R}/score.jsonl"]
@@ -436,6 +474,7 @@ CASES = [
     # ---- export
     ("export-other-model", ["export", "--clusters", "{R}/clustered", "--base", "{R}/other.gguf", "--out", "{R}/ex"], "a different model", _gguf_base("other.gguf", shift=0.5)),
     ("evaluate-test-not-utf8", [*_with(EVAL_DIR, "--tasks", "{R}/ev_latin1"), "--no-relative", "--out", "{R}/e.json"], "test.jsonl:2: not valid UTF-8", _bad_utf8("ev_latin1/t0/test.jsonl")),
+    *UNSUPPORTED_BASE_CASES,
 ]  # fmt: skip
 
 
@@ -730,6 +769,67 @@ def test_the_embedded_gguf_by_path_is_the_default_base(real_base):
     from d2c_jax.adapters import check_adapter_for_base
 
     check_adapter_for_base(by_path, AdapterLibrary.load(embedded_library_dir()))
+
+
+@pytest.mark.parametrize(
+    "argv, expected, setup",
+    [c[1:] for c in UNSUPPORTED_BASE_CASES],
+    ids=[c[0] for c in UNSUPPORTED_BASE_CASES],
+)
+def test_an_unsupported_base_is_one_line_exit_2_before_any_work(
+    world, capsys, monkeypatch, argv, expected, setup
+):
+    """Exit 2 and stderr of exactly one line (no "loading ..." progress either): no
+    library, example or model was opened (the loaders would fail the test)."""
+    import d2c_jax.examples
+    import d2c_jax.models
+    from d2c_jax.library import AdapterLibrary
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("work was done before the base model was refused")
+
+    monkeypatch.setattr(d2c_jax.models, "load_base", refuse)
+    monkeypatch.setattr(d2c_jax.examples, "read_examples", refuse)
+    monkeypatch.setattr(AdapterLibrary, "load", refuse)
+    setup(world)
+    rc, err = run_cli(_fill(argv, world), capsys)
+    assert rc == 2, err
+    assert err.splitlines() == [f"d2c {argv[0]}: error: {expected.replace('{R}', str(world))}"]
+
+
+@pytest.mark.parametrize("method", ["kmeans", "mbc", "random", "kmerge"])
+def test_data_free_clustering_and_merge_need_no_supported_base(world, tmp_path, capsys, method):
+    """merge reads no base; a data-free clustering without --tasks loads none, so an
+    unsupported --base does not stop it."""
+    _BERT(world)
+    argv = cluster_args(world, tmp_path / method, "--method", method)
+    argv = _with(_with(argv, "--base", str(world / "base_bert")), "--examples", None)
+    rc, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert (tmp_path / method / "assignment.json").is_file()
+    if method == "kmeans":
+        merge = _fill([*MERGE, "--out", str(tmp_path / "merged")], world)
+        assert run_cli(merge, capsys)[0] == 0
+
+
+def test_a_library_of_differently_named_bases_warns_on_one_line(world, tmp_path, capsys):
+    """`LibraryWarning` (adapters recording different base names; shapes decide) prints
+    as one ``d2c CMD: warning:`` line, not Python's file:line form."""
+    import warnings as warnings_module
+
+    library = tmp_path / "lib"
+    shutil.copytree(world / "library", library)
+    config_path = library / "t1" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"base_model_name_or_path": "someone/else"}))
+    argv = ["merge", "--adapters", str(library), "--method", "linear"]
+    with warnings_module.catch_warnings():
+        warnings_module.simplefilter("always")  # not deduplicated by an earlier test
+        rc, err = run_cli([*argv, "--out", str(tmp_path / "merged")], capsys)
+    assert rc == 0, err
+    lines = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("d2c merge: warning: "), err
+    assert "someone/else" in lines[0] and "Warning" not in lines[0], err
 
 
 # ------------------------------------------------------------------ friendly CLI

@@ -50,6 +50,7 @@ def save_clusters(
             rank=library.rank,
             alpha=library.rank,
             base_model=library.base_model,
+            key_prefix=library.key_prefix,  # e.g. Gemma 3's language_model tower
             provenance={
                 "members": [library.names[i] for i in np.flatnonzero(masks[c])],
                 "merge": merge_config.to_dict(),
@@ -79,13 +80,16 @@ def read_assignment(path: str | Path) -> dict[str, int]:
     return data
 
 
-def load_clusters(out_dir: str | Path) -> tuple[dict[str, int], AdapterLibrary]:
+def load_clusters(
+    out_dir: str | Path, num_layers: int | None = None
+) -> tuple[dict[str, int], AdapterLibrary]:
     """Read a clustering directory: ``({task: cluster}, merged adapters)``.
 
     The merged adapters form an `AdapterLibrary` whose names are the directory
     names, so task t's adapter is ``merged.adapter(merged.index(f"cluster_{c}"))``
     with ``c = assignment[t]`` (see `task_adapters`). Errors name the directory when
-    a cluster of the assignment has no adapter.
+    a cluster of the assignment has no adapter. ``num_layers``: the base model's depth
+    (a clustering of adapters that all skip the last layers is stacked to it).
     """
     out_dir = Path(out_dir)
     assignment = read_assignment(out_dir / ASSIGNMENT_NAME)
@@ -96,7 +100,8 @@ def load_clusters(out_dir: str | Path) -> tuple[dict[str, int], AdapterLibrary]:
             f"{out_dir}: assignment.json names clusters {missing} but there is no "
             + ", ".join(f"cluster_{c}/" for c in missing)
         )
-    return assignment, AdapterLibrary.load([cluster_dir(out_dir, c) for c in clusters])
+    dirs = [cluster_dir(out_dir, c) for c in clusters]
+    return assignment, AdapterLibrary.load(dirs, num_layers=num_layers)
 
 
 def task_adapters(

@@ -7,7 +7,11 @@
   parent must be a writable directory, and it must be of the right kind (a file
   for file outputs, a directory for directory outputs);
 * `replaceable`: an existing output is only replaced if it is a previous output of
-  the same command, recognised by its manifest (``is_output``).
+  the same command, recognised by its manifest (``is_output``);
+* `check_base`: a ``--base`` the engine cannot run (an unsupported ``model_type`` or
+  GGUF architecture) is refused from its config alone, before any other input is read;
+  `base_num_layers` gives its depth the same cheap way, so a library whose adapters
+  all skip the last layers (``layers_to_transform``) is stacked to the base's depth.
 
 Errors are `CommandError` (a ValueError): the CLI prints them as one line.
 """
@@ -255,3 +259,36 @@ def clustering_base(clusters: Path) -> tuple[str | None, str | None]:
         spec if isinstance(spec, str) and spec not in ("", "None") else None,
         fingerprint if isinstance(fingerprint, str) else None,
     )
+
+
+def check_base(spec: str | os.PathLike | None) -> None:
+    """Refuse a base model the engine cannot run before any work (config.json or GGUF
+    metadata only); the loader's one-line message names the file and the supported
+    families. A missing path is left to `load_base`, whose message says what it expects."""
+    if spec is None:
+        return
+    from d2c_jax.models import check_base_spec
+
+    check_base_spec(spec)
+
+
+def base_num_layers(spec: str | os.PathLike) -> int | None:
+    """The decoder depth of a ``--base``, read from config.json or GGUF metadata (no
+    weights); None when the path is not a model (`load_base` reports it later)."""
+    from d2c_jax.models import default_gguf_path
+    from d2c_jax.models.gguf import gguf_file_config
+    from d2c_jax.models.hf import hf_config
+    from d2c_jax.models.loading import GEMMA3_SPEC, gemma3_gguf_path
+
+    text = str(spec)
+    if text == "default":
+        path = default_gguf_path()
+    elif text == GEMMA3_SPEC:
+        path = gemma3_gguf_path()
+    else:
+        path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_file_config(path)[1].num_layers
+    if path.is_dir() and (path / "config.json").is_file():
+        return hf_config(path)[1].num_layers
+    return None

@@ -36,6 +36,8 @@ from typing import Any
 
 from d2c_jax.commands.checks import (
     CommandError,
+    base_num_layers,
+    check_base,
     check_jsonl,
     check_out,
     correlation,
@@ -544,6 +546,8 @@ def run(args: argparse.Namespace) -> int:
 
     writer = _start_distributed(args)
     job = job_from_args(args)
+    if pipeline.needs_objective(job):
+        check_base(args.base)  # an unsupported model fails before any input is read
     _, flag = tasks_flag(args)
     library_dir = pipeline.library_dir(job)
     examples_dir = pipeline.tasks_dir(job)
@@ -566,7 +570,10 @@ def _run_locked(args, job, flag: str, settings, inputs, writer: bool) -> int:
     out, state = _check_out_on_writer(args, inputs, settings, writer)
     if writer and state == "resume" and jax.process_count() > 1:
         print(f"--resume: multi-process runs keep no checkpoints; {out}'s search starts again")
-    library = pipeline.load_library(job)
+    # Stacked to the base's depth when the base will run: adapters may all skip the last
+    # layers (layers_to_transform); data-free methods need no base.
+    layers = base_num_layers(job.base) if pipeline.needs_objective(job) else None
+    library = pipeline.load_library(job, num_layers=layers)
     k = resolve_budget(job.budget, library)
     if state == "finished":
         if writer:

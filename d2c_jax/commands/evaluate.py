@@ -32,6 +32,8 @@ from pathlib import Path
 
 from d2c_jax.commands.checks import (
     CommandError,
+    base_num_layers,
+    check_base,
     check_jsonl,
     check_out,
     clustering_base,
@@ -184,7 +186,7 @@ def resolve_adapters(args: argparse.Namespace, base, library):
     source: Path = args.assignment
     if source.is_dir():
         _refuse_duplicate_tasks(source / ASSIGNMENT_NAME)
-        assignment, merged = load_clusters(source)
+        assignment, merged = load_clusters(source, num_layers=base.config.num_layers)
         recorded, fingerprint = clustering_base(source)
         by_weights = check_same_base(
             base,
@@ -258,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax.models import load_base
     from d2c_jax.tasks import load_split, suite_dir
 
+    check_base(args.base)  # an unsupported model fails before any input is read
     if not args.assignment.exists():
         raise CommandError(f"--assignment {args.assignment}: no such file or directory")
     if args.tasks is not None and not args.tasks.is_dir():
@@ -278,7 +281,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     library = None
     if needs_library:
-        library = AdapterLibrary.load(library_dir)
+        # Stacked to the base's depth: adapters may all skip the last layers.
+        library = AdapterLibrary.load(library_dir, num_layers=base_num_layers(args.base))
     base = load_base(args.base)
     if library is not None:
         check_adapter_for_base(base, library)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from d2c_jax.commands.checks import (
     CommandError,
+    check_base,
     check_out,
     clustering_base,
     read_json_object,
@@ -135,6 +136,7 @@ def _base_file_or_none(spec: str) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_base(args.base)  # a llama.cpp base we cannot run fails before OUT is locked
     with locked(Path(args.out)):  # one writer of OUT at a time
         return _run(args)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from d2c_jax.commands.checks import positive_int
+from d2c_jax.commands.checks import check_base, positive_int
 from d2c_jax.commands.score import add_base_arguments, load_base_and_adapter
 
 
@@ -38,6 +38,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from d2c_jax.generation import generate
 
+    check_base(args.base)  # an unsupported model fails before any work
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
     base, adapter, scale = load_base_and_adapter(args)

@@ -110,6 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             rank=library.rank,
             alpha=library.rank,  # scale 1: the merge folds every scale into the factors
             base_model=library.base_model,
+            key_prefix=library.key_prefix,  # e.g. Gemma 3's language_model tower
             dtype=getattr(jnp, args.dtype),
             provenance=record,
         )

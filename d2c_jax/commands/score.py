@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from d2c_jax.commands.checks import (
+    check_base,
     check_jsonl,
     check_out,
     json_dumps_strict,
@@ -57,7 +58,8 @@ def load_base_and_adapter(args: argparse.Namespace):
     path = Path(args.adapter)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} not found")
-    library = AdapterLibrary.load([path])
+    # Stacked to the base's depth: an adapter may skip its last layers (layers_to_transform).
+    library = AdapterLibrary.load([path], num_layers=base.config.num_layers)
     check_adapter_for_base(base, library)
     params, scale = library.adapter(0)
     return base, params, scale
@@ -108,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from d2c_jax.examples import encode_examples, read_examples
     from d2c_jax.scoring import score_examples
 
+    check_base(args.base)  # an unsupported model fails before any input is read
     inputs = [("--examples", args.examples), ("--adapter", args.adapter)]
     inputs.append(("--base", None if args.base == "default" else args.base))
     if args.out is not None:

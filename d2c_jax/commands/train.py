@@ -9,6 +9,7 @@ from pathlib import Path
 
 from d2c_jax.commands.checks import (
     CommandError,
+    check_base,
     check_jsonl,
     check_out,
     nonnegative_float,
@@ -136,6 +137,7 @@ def _is_ours(adapter_dir: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_base(args.base)  # an unsupported model fails before OUT is locked or a task read
     with locked(Path(args.out)):  # one writer of OUT at a time
         return _run(args)
 
