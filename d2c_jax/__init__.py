@@ -1,7 +1,11 @@
 """d2c-jax: compress a library of LoRA adapters into K merged multi-task adapters.
 
-Importing the package sets two process-wide defaults for JAX on CPU, each only
-where the user has not chosen otherwise.
+Importing the package sets three process-wide defaults, each only where the user
+has not chosen otherwise: two for JAX on CPU, and transformers' log level.
+
+transformers logs at ``error`` only (``TRANSFORMERS_VERBOSITY``): the engine uses it
+for tokenizers and config parsing only, and without torch every command would start
+with its "PyTorch was not found" notice.
 
 OpenBLAS runs one thread (``OPENBLAS_NUM_THREADS``). jaxlib's CPU eigh and SVD
 (used to truncate merged deltas back to rank r) call LAPACK through SciPy's
@@ -27,6 +31,7 @@ the OpenBLAS setting).
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 if _SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
