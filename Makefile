@@ -29,6 +29,9 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_T
 $(VENV)/.installed-test: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install -q -e '.[test]'
+	# mergekit, the parity reference of DELLA and breadcrumbs: --no-deps, its declared
+	# dependencies (accelerate, a newer transformers...) are not needed by the parts we call
+	$(PIP) install -q --no-deps mergekit==0.1.5
 	touch $@
 
 install: $(VENV)/.installed
