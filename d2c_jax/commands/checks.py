@@ -262,33 +262,20 @@ def clustering_base(clusters: Path) -> tuple[str | None, str | None]:
 
 
 def check_base(spec: str | os.PathLike | None) -> None:
-    """Refuse a base model the engine cannot run before any work (config.json or GGUF
-    metadata only); the loader's one-line message names the file and the supported
-    families. A missing path is left to `load_base`, whose message says what it expects."""
-    if spec is None:
-        return
-    from d2c_jax.models import check_base_spec
+    """Refuse a base model the engine cannot run before any work (`models.base_config`:
+    config.json or GGUF metadata only); its one-line message names the file and the
+    supported families. A missing path is left to `load_base`, whose message says what
+    it expects."""
+    if spec is not None:
+        from d2c_jax.models import base_config
 
-    check_base_spec(spec)
+        base_config(spec)
 
 
 def base_num_layers(spec: str | os.PathLike) -> int | None:
-    """The decoder depth of a ``--base``, read from config.json or GGUF metadata (no
-    weights); None when the path is not a model (`load_base` reports it later)."""
-    from d2c_jax.models import default_gguf_path
-    from d2c_jax.models.gguf import gguf_file_config
-    from d2c_jax.models.hf import hf_config
-    from d2c_jax.models.loading import GEMMA3_SPEC, gemma3_gguf_path
+    """The decoder depth of a ``--base`` (no weights read); None when the path is not a
+    model (`load_base` reports it later)."""
+    from d2c_jax.models import base_config
 
-    text = str(spec)
-    if text == "default":
-        path = default_gguf_path()
-    elif text == GEMMA3_SPEC:
-        path = gemma3_gguf_path()
-    else:
-        path = Path(text).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return gguf_file_config(path)[1].num_layers
-    if path.is_dir() and (path / "config.json").is_file():
-        return hf_config(path)[1].num_layers
-    return None
+    config = base_config(spec)
+    return None if config is None else config.num_layers

@@ -347,22 +347,38 @@ def _load_hf(path: Path):
     return config, weights, tokenizer, name
 
 
-def check_base_spec(spec: str | os.PathLike) -> None:
-    """Refuse a base model the engine cannot run, cheaply (config or GGUF metadata only),
-    so a command that will need it fails before any work. Missing paths are left to
-    `load_base`'s message."""
-    spec_str = str(spec)
-    if spec_str in EMBEDDED_SPECS:
-        return
-    path = Path(spec_str).expanduser()
+def _spec_path(spec_str: str) -> Path:
+    if spec_str == "default":
+        return default_gguf_path()
+    if spec_str == GEMMA3_SPEC:
+        return gemma3_gguf_path()
+    return Path(spec_str).expanduser()
+
+
+def base_config(spec: str | os.PathLike) -> DecoderConfig | None:
+    """The `DecoderConfig` of a base model without loading its weights (config.json, the
+    weight cache's record of a GGUF, or the GGUF's metadata), so a command that will need
+    the base refuses an unsupported one before any work (ValueError naming the file and
+    the supported families). None where `spec` is not a model path; `load_base` says
+    what it expects."""
+    path = _spec_path(str(spec))
     if path.is_file() and path.suffix.lower() == ".gguf":
+        entry = _cache_entry(path)
+        if entry is not None and (entry / "d2c_model.json").is_file():
+            try:
+                return DecoderConfig.from_dict(
+                    json.loads((entry / "d2c_model.json").read_text())["config"]
+                )
+            except (OSError, KeyError, TypeError, ValueError):
+                pass  # a broken cache entry: read the file's own metadata
         from d2c_jax.models.gguf import gguf_file_config
 
-        gguf_file_config(path)
-    elif path.is_dir() and (path / "config.json").is_file():
+        return gguf_file_config(path)[1]
+    if path.is_dir() and (path / "config.json").is_file():
         from d2c_jax.models.hf import hf_config
 
-        hf_config(path)
+        return hf_config(path)[1]
+    return None
 
 
 def load_base(spec: str | os.PathLike = "default", dtype=jnp.float32) -> BaseModel:
