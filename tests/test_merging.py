@@ -136,7 +136,10 @@ def test_delta_ties_equals_numpy_reference_then_svd(config):
 
 
 def _config(method, space, density=0.5, **kwargs):
-    sparse = get_method(method).needs_density
+    spec = get_method(method)
+    if space == "factor" and spec.consensus == "ties" and spec.default_divisor == "weight":
+        kwargs.setdefault("divisor", "count")  # DELLA's weight divisor is delta space only
+    sparse = spec.needs_density
     return MergeConfig(method, space=space, density=density if sparse else None, **kwargs)
 
 
