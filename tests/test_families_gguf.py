@@ -52,6 +52,7 @@ GGUF_CASES = {
         }
     ),
     "olmo2": dict(),
+    "smollm3": dict(num_hidden_layers=4),  # llama.cpp: no RoPE in every fourth layer
     "granite": CASES["granite"][0],
 }
 
