@@ -11,7 +11,8 @@ status 2; ``--debug`` (or ``D2C_DEBUG=1``) shows the traceback instead. Any
 other exception is a bug and keeps its traceback. Ctrl-C and SIGTERM interrupt a
 command the same way (it undoes its half-written output), with exit status 130 or
 143. Warnings about the inputs (`d2c_jax.models.identity.BaseModelWarning`,
-`d2c_jax.library.LibraryWarning`) print as one line ``d2c CMD: warning: ...``.
+`d2c_jax.library.LibraryWarning`, `d2c_jax.checkpoints.CheckpointWarning`) print as
+one line ``d2c CMD: warning: ...``.
 """
 
 from __future__ import annotations
@@ -136,13 +137,14 @@ def _one_line(err: BaseException, out: str | None = None) -> str:
 def _one_line_warning(command: str):
     """A `warnings.showwarning` that prints our own warnings as ``d2c CMD: warning: ...``
     (no file and line: they are about the user's inputs, not the code)."""
+    from d2c_jax.checkpoints import CheckpointWarning
     from d2c_jax.library import LibraryWarning
     from d2c_jax.models.identity import BaseModelWarning
 
     default = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, BaseModelWarning | LibraryWarning):
+        if issubclass(category, BaseModelWarning | LibraryWarning | CheckpointWarning):
             print(f"d2c {command}: warning: {message}", file=sys.stderr)
         else:
             default(message, category, filename, lineno, file, line)

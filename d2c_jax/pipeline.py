@@ -201,6 +201,14 @@ def build_objective(
     from d2c_jax.models import load_base
 
     examples = read_task_examples(job.tasks, library.names, job.split, job.examples_per_task, check)
+    missing = [name for name in library.names if not examples.get(name)]
+    if missing:  # here the directory is known (DevObjective only sees the examples)
+        root = tasks_dir(job)
+        flag = "--tasks " if job.tasks is not None else "the built-in task suite "
+        raise ValueError(
+            f"{flag}{root}: no {job.split} examples for tasks {missing}; every adapter needs "
+            f"{root}/<task>/{job.split}.jsonl (give the task suite the library was trained on)"
+        )
     if base is None:
         base = load_base(job.base)
         check_adapter_for_base(base, library)

@@ -212,17 +212,13 @@ class LoraTrainer:
         state = self.initial_state(cfg.seed)
         manager = None
         if checkpoint_dir is not None:
-            import orbax.checkpoint as ocp
+            from d2c_jax.checkpoints import Checkpoints
 
-            manager = ocp.CheckpointManager(
-                Path(checkpoint_dir).absolute(),
-                options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-            )
-            if manager.latest_step() is not None:
-                restored = manager.restore(
-                    manager.latest_step(), args=ocp.args.StandardRestore(state.as_pytree())
-                )
-                state = TrainState(**restored)
+            # Two steps: a corrupt newest one falls back to the one before it.
+            manager = Checkpoints(checkpoint_dir, max_to_keep=2)
+            restored = manager.restore_latest(state.as_pytree())
+            if restored is not None:
+                state = TrainState(**restored[1])
 
         start = time.perf_counter()
         step = resumed_from = int(state.step)
@@ -275,8 +271,6 @@ class LoraTrainer:
 
     @staticmethod
     def _save(manager, step, lora, opt_state, best_lora, best_val, stale) -> None:
-        import orbax.checkpoint as ocp
-
         state = TrainState(
             lora=lora,
             opt_state=opt_state,
@@ -285,8 +279,7 @@ class LoraTrainer:
             best_val=jnp.asarray(best_val, jnp.float32),
             evals_without_improvement=jnp.asarray(stale, jnp.int32),
         )
-        manager.save(step, args=ocp.args.StandardSave(state.as_pytree()))
-        manager.wait_until_finished()
+        manager.save(step, state.as_pytree())
 
 
 def train_library(

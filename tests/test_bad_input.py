@@ -343,6 +343,85 @@ def _with(argv: list[str], flag: str, value: str | None) -> list[str]:
     return argv
 
 
+# A D2C search of many small iterations (one move each), stopped after two saves.
+D2C = [
+    *_with(CLUSTER, "--method", "d2c"),
+    "--mode",
+    "best",
+    "--max-iters",
+    "50",
+    "--task-loss",
+    "nll",
+]
+
+
+def _stop_d2c_run(root: Path, out: Path) -> None:
+    """Run D2C into `out` and interrupt it right after its second checkpoint (steps 0
+    and 1 kept), as a kill between two saves leaves it."""
+    import contextlib
+    import io
+
+    from d2c_jax.cluster import d2c
+
+    save, saves = d2c._SearchCheckpoint.save, []
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    d2c._SearchCheckpoint.save = save_then_stop
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress and "interrupted"
+            assert main(_fill(_with(D2C, "--out", str(out)), root)) == 130
+    finally:
+        d2c._SearchCheckpoint.save = save
+    steps = sorted(p.name for p in (out / ".search" / "ckpt").iterdir())
+    assert steps == ["0", "1"], steps
+
+
+def _stopped_template(root: Path) -> Path:
+    template = root / "d2c_stopped"
+    if not template.exists():
+        _stop_d2c_run(root, template)
+    return template
+
+
+def _stopped_d2c(name: str, damage=None):
+    """{R}/<name>: the stopped D2C run, then `damage(its checkpoint directory)`."""
+
+    def setup(root: Path) -> None:
+        target = root / name
+        if target.exists():
+            return
+        shutil.copytree(_stopped_template(root), target)
+        if damage is not None:
+            damage(target / ".search" / "ckpt")
+
+    return setup
+
+
+def _garble_every_step(checkpoints: Path) -> None:
+    from tests.test_cluster_d2c import garble_data, kill_during_save
+
+    for step in ("0", "1"):
+        garble_data(checkpoints / step)
+    kill_during_save(checkpoints, 2)
+
+
+def _without(name: str, path: str):
+    """{R}/<name>: the task suite without `path` (``t3/dev.jsonl``)."""
+
+    def setup(root: Path) -> None:
+        target = root / name
+        if not target.exists():
+            shutil.copytree(root / "examples", target)
+            (target / path).unlink()
+
+    return setup
+
+
 CASES = [
     # ---- merge: never destroy input
     ("merge-out-is-library-force", [*MERGE, "--out", "{R}/library", "--force"], "is the input --adapters", None),
@@ -455,6 +534,12 @@ CASES = [
     ("cluster-force-keeps-user-file", [*_with(CLUSTER, "--out", "{R}/clustered_notes"), "--force"], "did not write (notes.txt)", _with_notes("clustered", "clustered_notes")),
     ("merge-force-keeps-user-file", [*MERGE, "--out", "{R}/merged_notes", "--force"], "did not write (notes.txt)", _with_notes("merged", "merged_notes")),
     ("train-seed-negative", [*TRAIN, "--seed", "-1", "--out", "{R}/tr"], "argument --seed: must be an integer >= 0", None),
+    ("merge-seed-negative", [*_with(MERGE, "--method", "dare_ties"), "--seed", "-1", "--out", "{R}/m"], "argument --seed: must be an integer >= 0", None),
+    ("cluster-seed-negative", _with(CLUSTER, "--seed", "-1"), "argument --seed: must be an integer >= 0", None),
+    ("evaluate-seed-negative", [*EVAL_DIR, "--seed", "-1", "--out", "{R}/e.json"], "argument --seed: must be an integer >= 0", None),
+    ("cluster-tasks-without-dev", _with(CLUSTER, "--examples", "{R}/notes"), "--tasks {R}/notes: no dev examples for tasks ['t0', 't1', 't2', 't3']", None),
+    ("cluster-d2c-tasks-one-without-dev", _with(D2C, "--examples", "{R}/ex_no_t3"), "--tasks {R}/ex_no_t3: no dev examples for tasks ['t3']; every adapter needs {R}/ex_no_t3/<task>/dev.jsonl", _without("ex_no_t3", "t3/dev.jsonl")),
+    ("cluster-resume-no-usable-checkpoint", [*_with(D2C, "--out", "{R}/d2c_corrupt"), "--resume"], "{R}/d2c_corrupt/.search/ckpt: no usable checkpoint (step 1 (", _stopped_d2c("d2c_corrupt", _garble_every_step)),
     ("evaluate-assignment-duplicate-task", [*EVAL, "--assignment", "{R}/dup_assign.json", "--out", "{R}/e.json"], "task 't0' appears more than once", _write("dup_assign.json", '{"t0": 0, "t1": 1, "t0": 1}')),
     # ---- evaluate
     ("evaluate-assignment-missing", [*EVAL, "--assignment", "{R}/nope.json", "--out", "{R}/e.json"], "--assignment {R}/nope.json: no such file", None),
@@ -669,6 +754,62 @@ def test_a_killed_final_write_resumes_to_the_files_of_an_uninterrupted_run(world
         "cluster_1/adapter_model.safetensors",
     ):
         assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+
+def _full_d2c(root: Path) -> Path:
+    """{R}/d2c_full: the uninterrupted run of `D2C`."""
+    out = root / "d2c_full"
+    if not out.exists():
+        assert main(_fill(_with(D2C, "--out", str(out)), root)) == 0
+    return out
+
+
+def _killed_during_the_next_save(checkpoints: Path) -> None:
+    from tests.test_cluster_d2c import kill_during_save
+
+    kill_during_save(checkpoints, 2)
+
+
+def _garbled_latest(checkpoints: Path) -> None:
+    from tests.test_cluster_d2c import garble_data
+
+    garble_data(checkpoints / "1")
+
+
+def _unmarked_newest(checkpoints: Path) -> None:
+    from tests.test_cluster_d2c import unmarked_step
+
+    unmarked_step(checkpoints, 2)
+
+
+@pytest.mark.parametrize(
+    "damage, skipped",
+    [
+        (_garbled_latest, "step 1 (default/d/"),
+        (_killed_during_the_next_save, "step 2 (half-written: killed during a save)"),
+        (_unmarked_newest, "step 2 (half-written: no commit_success.txt)"),
+    ],
+    ids=["garbled-latest-step", "killed-during-a-save", "step-without-marker"],
+)
+def test_resume_skips_a_bad_checkpoint_and_ends_as_an_uninterrupted_run(
+    world, tmp_path, capsys, damage, skipped
+):
+    reference = _full_d2c(world)
+    out = tmp_path / "out"
+    shutil.copytree(_stopped_template(world), out)
+    damage(out / ".search" / "ckpt")
+    rc, err = run_cli([*_fill(_with(D2C, "--out", str(out)), world), "--resume"], capsys)
+    assert rc == 0, err
+    assert "Traceback" not in err and "zarr" not in err, err
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1, err
+    assert f"{out}/.search/ckpt: skipped checkpoint {skipped}" in warnings[0], warnings[0]
+    resumed_from = "step 0" if damage is _garbled_latest else "step 1"
+    assert warnings[0].endswith(f"resuming from {resumed_from}"), warnings[0]
+    assert (out / "assignment.json").read_bytes() == (reference / "assignment.json").read_bytes()
+    objectives = lambda run: [json.loads(x)["objective"] for x in (run / "log.jsonl").open()]  # noqa: E731
+    assert objectives(out) == objectives(reference)  # the same path (seconds differ)
+    assert not (out / ".search").exists()
 
 
 # ------------------------------------------------------------- one same-base rule
@@ -1065,3 +1206,7 @@ def test_jsonl_with_a_byte_order_mark_is_accepted(world, tmp_path):
         str(world / "ex_bom"),
     )
     assert main(argv) == 0
+    # d2c evaluate reads test.jsonl through the task suite's reader
+    evaluate = [*_with(EVAL_DIR, "--tasks", "{R}/ex_bom"), "--no-relative"]
+    assert main([*_fill(evaluate, world), "--out", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())

@@ -515,3 +515,104 @@ def test_sweep_with_the_similarity_proxy_visits_the_most_similar_cluster(seed, v
             D2CClustering(visit_fraction=bad)
     with pytest.raises(ValueError, match="needs mode='sweep' with destinations > 0"):
         D2CClustering(destinations=0, visit_fraction=0.5)
+
+
+# ------------------------------------------------ checkpoints that survive crashes
+# The states a crash or a disk fault leaves in an orbax checkpoint directory.
+
+
+def garble_data(step_dir):
+    """Overwrite every data file of a saved step with garbage (a disk fault)."""
+    for path in sorted((step_dir / "default" / "d").iterdir()):
+        path.write_bytes(b"\x00garbage" * 16)
+
+
+def kill_during_save(checkpoint_dir, step):
+    """What a kill -9 inside orbax 0.12.8's save of `step` leaves: its tmp directory,
+    data written, the item directory still under its tmp name and no commit marker
+    (the marker, then the rename, are the last things a save does)."""
+    import shutil
+
+    latest = max(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+    tmp = checkpoint_dir / f"{step}.orbax-checkpoint-tmp"
+    shutil.copytree(checkpoint_dir / str(latest), tmp)
+    (tmp / "commit_success.txt").unlink()
+    (tmp / "d2c_checksums.json").unlink()
+    (tmp / "default").rename(tmp / "default.orbax-checkpoint-tmp")
+    return tmp
+
+
+def unmarked_step(checkpoint_dir, step):
+    """A step directory without its completion marker (a half-copied checkpoint)."""
+    import shutil
+
+    latest = max(int(p.name) for p in checkpoint_dir.iterdir() if p.name.isdigit())
+    shutil.copytree(checkpoint_dir / str(latest), checkpoint_dir / str(step))
+    (checkpoint_dir / str(step) / "commit_success.txt").unlink()
+    garble_data(checkpoint_dir / str(step))
+
+
+def _stopped_search(tmp_path):
+    """A search stopped after two iterations (steps 1 and 2 kept) and the full one."""
+    library = planted_library(groups=(0,) * 12)
+    full = exhaustive(init="random", mode="best").fit(
+        library, 3, seed=5, objective=PairwiseObjective(GROUPS), progress=False
+    )
+    exhaustive(init="random", mode="best", max_iters=2).fit(
+        library,
+        3,
+        seed=5,
+        objective=PairwiseObjective(GROUPS),
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+    )
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]
+    return library, full
+
+
+def _resume(library, tmp_path):
+    return exhaustive(init="random", mode="best").fit(
+        library,
+        3,
+        seed=5,
+        objective=PairwiseObjective(GROUPS),
+        checkpoint_dir=tmp_path / "ckpt",
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda ckpt: garble_data(ckpt / "2"),
+        lambda ckpt: kill_during_save(ckpt, 3),
+        lambda ckpt: unmarked_step(ckpt, 3),
+    ],
+    ids=["garbled-latest", "killed-during-save", "step-without-marker"],
+)
+def test_a_bad_newest_checkpoint_is_skipped_and_the_search_ends_the_same(tmp_path, damage):
+    from d2c_jax.checkpoints import CheckpointWarning
+
+    library, full = _stopped_search(tmp_path)
+    damage(tmp_path / "ckpt")
+    with pytest.warns(CheckpointWarning, match=r"skipped checkpoint step [23] .*resuming from"):
+        resumed = _resume(library, tmp_path)
+    np.testing.assert_array_equal(resumed.assign, full.assign)
+    assert [e["objective"] for e in resumed.log] == [e["objective"] for e in full.log]
+    assert not list((tmp_path / "ckpt").glob("*tmp*")), "the half-written save is left"
+
+
+def test_no_usable_checkpoint_is_refused_naming_the_directory(tmp_path):
+    from d2c_jax.checkpoints import CheckpointError
+
+    library, _ = _stopped_search(tmp_path)
+    for step in ("1", "2"):
+        garble_data(tmp_path / "ckpt" / step)
+    kill_during_save(tmp_path / "ckpt", 3)
+    before = sorted(str(p) for p in (tmp_path / "ckpt").rglob("*"))
+    with pytest.raises(CheckpointError) as refused:
+        _resume(library, tmp_path)
+    message = str(refused.value)
+    assert str(tmp_path / "ckpt") in message and "\n" not in message
+    assert "start over with --force" in message and "delete the step directories 1, 2" in message
+    assert sorted(str(p) for p in (tmp_path / "ckpt").rglob("*")) == before, "it deleted"

@@ -173,3 +173,30 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_hf_dir, tmp_path):
             np.testing.assert_allclose(
                 resumed.params[module][factor], full.params[module][factor], rtol=1e-2, atol=1e-3
             )
+
+
+def test_a_bad_checkpoint_falls_back_to_the_one_before_or_is_refused(tiny_base, tmp_path):
+    import dataclasses
+
+    from d2c_jax.checkpoints import CheckpointError, CheckpointWarning
+    from tests.test_cluster_d2c import garble_data, kill_during_save
+
+    config = dataclasses.replace(CONFIG, max_steps=10, eval_every=5)
+    trainer = LoraTrainer(tiny_base, config)
+    examples, checkpoints = copy_task(), tmp_path / "ckpt"
+    full, _ = trainer.train(examples, checkpoint_dir=checkpoints)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["10", "5"]
+    garble_data(checkpoints / "10")
+    kill_during_save(checkpoints, 15)
+    with pytest.warns(CheckpointWarning, match="skipped checkpoint step 10 .*resuming from step 5"):
+        resumed, record = trainer.train(examples, checkpoint_dir=checkpoints)
+    assert record["resumed_from_step"] == 5
+    for module in full:
+        for factor in "AB":
+            np.testing.assert_allclose(
+                resumed[module][factor], full[module][factor], rtol=1e-5, atol=1e-6
+            )
+    for step in ("5", "10"):
+        garble_data(checkpoints / step)
+    with pytest.raises(CheckpointError, match="delete the step directories 5, 10 there"):
+        trainer.train(examples, checkpoint_dir=checkpoints)

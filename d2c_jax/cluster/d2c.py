@@ -706,21 +706,18 @@ class D2CClustering:
 
 
 class _SearchCheckpoint:
-    """Orbax checkpoint of the search state after each iteration (see module docstring)."""
+    """Orbax checkpoint of the search state after each iteration (see module docstring);
+    a corrupt or half-written step is skipped (`d2c_jax.checkpoints`)."""
 
     def __init__(self, directory: str | Path):
-        import orbax.checkpoint as ocp
+        from d2c_jax.checkpoints import Checkpoints
 
-        self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-        )
+        self.checkpoints = Checkpoints(directory, max_to_keep=2, ways_out="start over with --force")
+        self.directory = self.checkpoints.directory
 
     def save(self, assign, iteration, log, cache_state, done) -> None:
         """Save the state after `iteration` completed iterations. Steps number the
         saves (a sweep saves several times per iteration)."""
-        import orbax.checkpoint as ocp
-
         state = {
             "iteration": np.asarray(iteration, np.int64),
             "assign": np.asarray(assign, np.int32),
@@ -731,17 +728,15 @@ class _SearchCheckpoint:
         if "score_keys" in cache_state:
             state["score_keys"] = cache_state["score_keys"].astype(np.uint8)
             state["score_values"] = cache_state["score_values"]
-        latest = self.manager.latest_step()
-        self.manager.save(0 if latest is None else latest + 1, args=ocp.args.StandardSave(state))
-        self.manager.wait_until_finished()
+        latest = self.checkpoints.latest_step()
+        self.checkpoints.save(0 if latest is None else latest + 1, state)
 
     def restore(self) -> tuple[np.ndarray, int, list[dict[str, Any]], dict] | None:
-        import orbax.checkpoint as ocp
+        restored = self.checkpoints.restore_latest(decode=self._decode)
+        return None if restored is None else restored[1]
 
-        step = self.manager.latest_step()
-        if step is None:
-            return None
-        state = self.manager.restore(step, args=ocp.args.StandardRestore())
+    @staticmethod
+    def _decode(state) -> tuple[np.ndarray, int, list[dict[str, Any]], dict]:
         log = json.loads(np.asarray(state["log"], np.uint8).tobytes().decode())
         cache_state = {
             "keys": np.asarray(state["cache_keys"]),

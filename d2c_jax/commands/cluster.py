@@ -622,8 +622,11 @@ def _write_run(out: Path, settings, state: str, job, library, k: int, objective)
         # recognised by --resume); the search state goes after it.
         manifest = _manifest(settings, record, library, objective)
         write_json_atomic(out / MANIFEST_NAME, manifest)
-    except BaseException:
-        if _undo_out(out, state, aside, existed):
+    except BaseException as err:
+        from d2c_jax.checkpoints import CheckpointError
+
+        # An unusable checkpoint's own message says what to do; --resume would not.
+        if _undo_out(out, state, aside, existed) and not isinstance(err, CheckpointError):
             print(
                 f"d2c cluster: {out} keeps the search state: the same command with --resume "
                 "continues it (once the cause below is fixed)",

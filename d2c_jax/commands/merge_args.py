@@ -33,7 +33,7 @@ def add_merge_arguments(
     ``args.merge_method`` either way. ``seed_help`` replaces the help of ``--seed``
     (a command whose seed also seeds something else says so).
     """
-    from d2c_jax.commands.checks import finite_float, fraction
+    from d2c_jax.commands.checks import finite_float, fraction, nonnegative_int
 
     group = parser.add_argument_group(
         "merge", "how adapters are merged (see kernels/merge.py for exact semantics)"
@@ -142,7 +142,7 @@ def add_merge_arguments(
     )
     group.add_argument(
         "--seed",
-        type=int,
+        type=nonnegative_int,  # numpy's generators refuse negative seeds, late and unnamed
         default=0,
         help=seed_help
         or "seed of DARE's and DELLA's random masks; an adapter's mask depends on the seed "

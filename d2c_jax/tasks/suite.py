@@ -176,5 +176,5 @@ def load_split(root: str | os.PathLike | None, task: str, split: str) -> list[di
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     path = Path(suite_dir() if root is None else root) / task / f"{split}.jsonl"
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # editors on Windows write a BOM
         return [json.loads(line) for line in f if line.strip()]
