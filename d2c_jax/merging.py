@@ -21,22 +21,21 @@ finder; `kernels.lowrank`); factor space merges A and B with PEFT's
 coincide.
 
 Cost grows with the clusters, not with the library. The cluster-independent part
-is done once by `prepare`: in delta space only each adapter's per-matrix trim
-threshold (or its DARE key) is kept, never its dense delta, so a prepared library
-weighs about what its factors weigh (1.8 MB per SmolLM2 q,v adapter instead of
-53 MB). A merge (`merged_deltas` / `merged_factors`) turns the mask into member
-lists ``[C, S]`` on the host (`member_plan`: S padded to a few bucket sizes; rows
-of similar sizes merged together, `merge_groups`),
-gathers those members, and in delta space streams them: for one block of output
-rows of one layer at a time, each member's delta is recomputed from its factors,
-trimmed by its stored threshold and added to running sums
-(`kernels.merge.member_sums`), finished once (`finish_sums`). Work is O(C x S) per
-layer and temporaries a few row blocks of C matrices, whatever N is. DARE's random
+is done once by `prepare`: in delta space only each adapter's per-matrix
+sparsifier state (a trim threshold, a PRNG key, a packed mask:
+`kernels.merge.prepare_delta_state`) is kept, never its dense delta, so a prepared
+library weighs about what its factors weigh (1.8 MB per SmolLM2 q,v adapter
+instead of 53 MB). A merge (`merged_deltas` / `merged_factors`) turns the mask into
+member lists ``[C, S]`` on the host (`member_plan`: S padded to a few bucket sizes;
+rows of similar sizes merged together, `merge_groups`) and hands them to the
+kernels (`kernels.merge.merge_member_deltas`, which streams each member's delta
+from its factors, `merge_member_factors`, `merge_member_subspace`). DARE's random
 mask of an adapter depends only on ``MergeConfig.seed`` and the adapter's name, so
 it is the same whichever library or subset the adapter sits in.
 
-The command-line flags of a merge live in `d2c_jax.commands.merge_args`; the named
-merge methods in `kernels.merge_methods`.
+This module plans and truncates; every array computation of a merge is in
+`kernels.merge`. The command-line flags of a merge live in
+`d2c_jax.commands.merge_args`; the named merge methods in `kernels.merge_methods`.
 """
 
 from __future__ import annotations
@@ -75,37 +74,26 @@ class PreparedLibrary:
     Attributes:
       factors: the library's own factors ``{module: {"A": [N, L, r, d_in],
         "B": [N, L, d_out, r]}}``.
-      sparse_factors: factor space: the factors trimmed or DARE-masked, unweighted;
-        delta space: None.
-      thresholds: delta space with magnitude trimming: ``{module: [N, L]}`` int32
-        thresholds on the bit patterns of each member delta's magnitudes
-        (`kernels.merge.trim_thresholds`); with Model Breadcrumbs ``{module: [N, L,
-        2]}`` (low, high) bands (`kernels.merge.band_thresholds`); otherwise None.
-      keys: delta space with DARE: ``[N, 2]`` uint32 key data of each adapter's
-        PRNG key (`adapter_keys`); otherwise None.
+      sparse_factors: factor space: the factors trimmed or DARE-masked, unweighted
+        (`kernels.merge.prepare_factors`); otherwise None.
+      state: delta space: ``{module: state}`` of the method's sparsifier, leaves
+        ``[N, L, ...]`` (`kernels.merge.prepare_delta_state`: trim thresholds
+        ``[N, L]``, breadcrumbs bands ``[N, L, 2]``, DARE key data ``[N, L, 2]``,
+        DELLA packed masks ``[N, L, d_out, ceil(d_in / 8)]`` and rescalings
+        ``[N, L]``); subspace methods and factor space: None.
       scale: ``[N]`` LoRA scales of the inputs.
       weights: ``[N]`` per-adapter weights.
       config: the merge (static).
       rank: r of the merged adapters (the library's rank).
-      masks: delta space with DELLA: ``{module: [N, L, d_out, ceil(d_in / 8)]}``
-        uint8, each adapter's keep-mask packed 8 entries a byte (DELLA's keep
-        probabilities follow each row's magnitude ranks, a sort too costly to redo
-        per member and merge, so its masks are drawn once: 1/32 of the dense deltas'
-        bytes); otherwise None.
-      rescale: delta space with DELLA: ``{module: [N, L]}`` L1 rescaling of each
-        masked matrix (`kernels.merge.della_sparsify`); otherwise None.
     """
 
     factors: dict
     sparse_factors: dict | None
-    thresholds: dict | None
-    keys: jax.Array | None
+    state: dict | None
     scale: jax.Array
     weights: jax.Array
     config: MergeConfig = dataclasses.field(metadata=dict(static=True))
     rank: int = dataclasses.field(metadata=dict(static=True))
-    masks: dict | None = None
-    rescale: dict | None = None
 
     @property
     def num_adapters(self) -> int:
@@ -195,74 +183,8 @@ def _for_kernels(prepared: PreparedLibrary) -> PreparedLibrary:
     return dataclasses.replace(prepared, config=_kernel_config(prepared.config))
 
 
-# Dense deltas whose trim thresholds are found together when preparing a library:
-# adapters for global trimming, single matrices for per-tensor trimming (so a step's
-# deltas stay in cache). They are the only dense [.., d_out, d_in] arrays it holds.
-PREPARE_BATCH = 4
-
-
-@jax.jit(static_argnames="config")
-def _delta_thresholds(factors, scale, config: MergeConfig):
-    """``{module: [N, L]}`` trim thresholds of every adapter's dense delta, a few
-    adapters (global trimming) or matrices (per-tensor) at a time."""
-
-    def thresholds(f, s):
-        deltas = {m: lowrank.factors_to_delta(x["A"], x["B"], s)[None] for m, x in f.items()}
-        if config.spec.sparsify == "breadcrumbs":
-            found = kmerge.band_thresholds(deltas, config.density, config.gamma, config.trim)
-        else:
-            found = kmerge.trim_thresholds(deltas, config.density, config.trim)
-        return jax.tree.map(lambda t: t[0], found)
-
-    def each(f, s):
-        return jax.lax.map(lambda args: thresholds(*args), (f, s), batch_size=PREPARE_BATCH)
-
-    if config.trim == "global":
-        return each(factors, scale)
-    out = {}
-    for m, x in factors.items():
-        n, layers = x["A"].shape[:2]
-        matrices = {k: v.reshape(n * layers, *v.shape[2:]) for k, v in x.items()}
-        found = each({m: matrices}, jnp.repeat(scale, layers))[m]
-        out[m] = found.reshape(n, layers, *found.shape[1:])
-    return out
-
-
-@jax.jit(static_argnames="config")
-def _delta_della(factors, scale, key_data, config: MergeConfig):
-    """DELLA's packed keep-masks ``{module: [N, L, d_out, ceil(d_in / 8)]}`` and L1
-    rescalings ``{module: [N, L]}`` of every adapter's dense delta, one matrix at a
-    time; matrix (module position, layer) of an adapter draws from its key as DARE."""
-    keys = jax.random.wrap_key_data(key_data)
-    masks, rescale = {}, {}
-    for position, m in enumerate(sorted(factors)):
-        x = factors[m]
-        layers = x["A"].shape[1]
-
-        def one(args, position=position):
-            a, b, s, key, layer = args
-            delta = lowrank.factors_to_delta(a, b, s)
-            u = kmerge.della_uniform(key[None], position, layer, delta.shape)[0]
-            keep, factor = kmerge.della_sparsify(delta, u, config.density, config.epsilon)
-            return jnp.packbits(keep, axis=-1), factor
-
-        n = x["A"].shape[0]
-        args = (
-            x["A"].reshape(n * layers, *x["A"].shape[2:]),
-            x["B"].reshape(n * layers, *x["B"].shape[2:]),
-            jnp.repeat(scale, layers),
-            jnp.repeat(keys, layers),
-            jnp.tile(jnp.arange(layers), n),
-        )
-        packed, factor = jax.lax.map(one, args, batch_size=PREPARE_BATCH)
-        masks[m] = packed.reshape(n, layers, *packed.shape[1:])
-        rescale[m] = factor.reshape(n, layers)
-    return masks, rescale
-
-
-@jax.jit(static_argnames="config")
-def _sparse_factors(factors, keys, config: MergeConfig):
-    return kmerge.prepare_factors(factors, config, keys)
+_prepare_delta_state = jax.jit(kmerge.prepare_delta_state, static_argnames="config")
+_prepare_factors = jax.jit(kmerge.prepare_factors, static_argnames="config")
 
 
 def prepare(
@@ -272,8 +194,8 @@ def prepare(
     *,
     names: Sequence[str],
 ) -> PreparedLibrary:
-    """Make a stacked library ready to merge under `config`: trimming thresholds or
-    DARE keys (delta space), or the sparsified factors (factor space).
+    """Make a stacked library ready to merge under `config`: the sparsifier's state
+    (delta space) or the sparsified factors (factor space).
 
     Args:
       params: ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}``.
@@ -286,33 +208,22 @@ def prepare(
         raise ValueError(f"names has {len(names)} entries but the library has {n} adapters")
     scale = jnp.asarray(scale, jnp.float32)
     factors = {m: {"A": jnp.asarray(f["A"]), "B": jnp.asarray(f["B"])} for m, f in params.items()}
-    sparsify = config.spec.sparsify
-    dare = sparsify == "dare"
-    keys = adapter_keys(names, config.seed) if sparsify in ("dare", "della") else None
-    sparse = thresholds = key_data = masks = rescale = None
+    keys = adapter_keys(names, config.seed) if kmerge.sparsifier(config).random else None
+    sparse = state = None
     if config.spec.is_subspace:
         pass  # merged from the members' own factors; KnOTS trims per cluster
     elif config.space == "factor":
-        sparse = _sparse_factors(factors, keys, _kernel_config(config))
-    elif sparsify in ("magnitude", "breadcrumbs"):
-        thresholds = _delta_thresholds(factors, scale, _kernel_config(config))
-    elif sparsify == "della":
-        masks, rescale = _delta_della(
-            factors, scale, jax.random.key_data(keys), _kernel_config(config)
-        )
-    elif dare:
-        key_data = jax.random.key_data(keys)
+        sparse = _prepare_factors(factors, _kernel_config(config), keys)
+    else:
+        state = _prepare_delta_state(factors, scale, _kernel_config(config), keys)
     return PreparedLibrary(
         factors=factors,
         sparse_factors=sparse,
-        thresholds=thresholds,
-        keys=key_data,
+        state=state,
         scale=scale,
         weights=config_weights(config, n),
         config=config,
         rank=rank,
-        masks=masks,
-        rescale=rescale,
     )
 
 
@@ -372,166 +283,20 @@ def _padded_rows(rows: int, multiple: int) -> int:
     return -(-padded // multiple) * multiple
 
 
-def _raw_deltas(prepared: PreparedLibrary, index: jax.Array, module: str, layer, rows) -> jax.Array:
-    """``[C, R, d_in]`` unmerged deltas (scale folded in) of the members ``index [C]``
-    at `layer`, output rows ``rows = (start, R)``."""
-    f = prepared.factors[module]
-    b = jax.lax.dynamic_slice_in_dim(f["B"][index, layer], rows[0], rows[1], axis=-2)
-    return lowrank.factors_to_delta(f["A"][index, layer], b, prepared.scale[index])
-
-
-def _sparsify_members(prepared, index, module_position: int, module: str, layer, delta, rows):
-    """The members' prepared (trimmed / DARE-masked) deltas, as `kernels.merge.prepare_deltas`
-    would hold them; `delta` holds output rows ``rows = (start, R)`` (DARE: all rows)."""
-    config = prepared.config
-    if prepared.thresholds is not None:
-        thresholds = prepared.thresholds[module][index, layer]
-        if config.spec.sparsify == "breadcrumbs":
-            return jnp.where(kmerge.apply_band(delta, thresholds), delta, 0.0)
-        keep = kmerge.apply_thresholds(delta, thresholds)
-        return jnp.where(keep, delta, 0.0)
-    if prepared.masks is not None:
-        packed = jax.lax.dynamic_slice_in_dim(
-            prepared.masks[module][index, layer], rows[0], rows[1], axis=-2
-        )
-        keep = jnp.unpackbits(packed, axis=-1, count=delta.shape[-1]).astype(bool)
-        factor = prepared.rescale[module][index, layer][:, None, None]
-        return jnp.where(keep, delta * factor, 0.0)
-    if prepared.keys is not None:
-        keys = jax.random.wrap_key_data(prepared.keys[index])
-        keep = kmerge.dare_keep(keys, module_position, layer, delta.shape[-2:], config.density)
-        return jnp.where(keep, delta / config.density, 0.0)
-    return delta
-
-
-# Bytes of the running member sums of one block of output rows: the blocks are
-# sized so that the sums stay in cache while every member is added to them.
-STREAM_BLOCK_BYTES = 8 << 20
-
-
-def _block_rows(prepared: PreparedLibrary, clusters: int, d_out: int, d_in: int) -> int:
-    """Output rows merged together: the largest divisor of `d_out` whose running
-    sums fit `STREAM_BLOCK_BYTES` (DARE draws whole matrices: all rows)."""
-    if prepared.keys is not None:
-        return d_out
-    statistics = kmerge.num_sums(prepared.config)
-    fit = max(1, STREAM_BLOCK_BYTES // (4 * statistics * clusters * d_in))
-    return max(r for r in range(1, min(fit, d_out) + 1) if d_out % r == 0)
-
-
-def _merge_block(prepared, index, valid, position: int, module: str, layer, rows):
-    """``[C, R, d_in]`` merged rows ``rows = (start, R)`` of one layer's matrix: the
-    members are added one slot at a time to running `kernels.merge.member_sums`,
-    so no ``[C, S, ...]`` member array exists and the work stops at the last slot
-    in use."""
-    config = prepared.config
-    weights = prepared.weights[index]
-
-    def member(slot):
-        delta = _raw_deltas(prepared, index[:, slot], module, layer, rows)
-        return delta, _sparsify_members(
-            prepared, index[:, slot], position, module, layer, delta, rows
-        )
-
-    def add(slot, stats):
-        members = member(slot)[1][:, None]
-        new = kmerge.member_sums(members, valid[:, slot, None], weights[:, slot, None], config)
-        return kmerge.add_sums(stats, new)
-
-    first, first_members = member(0)
-    stats = kmerge.member_sums(first_members[:, None], valid[:, :1], weights[:, :1], config)
-    used = jnp.max(jnp.sum(valid, axis=1))  # members come first in each row (member_plan)
-    stats = jax.lax.fori_loop(1, used, add, stats)
-    merged = (
-        kmerge.finish_sums(stats, config)
-        * kmerge.cluster_factor(valid, weights, config)[:, None, None]
-    )
-    if config.singletons == "keep":
-        merged = kmerge.keep_single_members({module: merged}, {module: first}, valid)[module]
-    return merged
-
-
-def _merge_matrix(prepared, index, valid, position: int, module: str, layer, rows: int):
-    """``[C, d_out, d_in]`` merged matrix of one module at `layer`, `rows` output
-    rows at a time."""
-    clusters, d_out = index.shape[0], prepared.factors[module]["B"].shape[-2]
-    d_in = prepared.factors[module]["A"].shape[-1]
-    blocks = jax.lax.map(
-        lambda start: _merge_block(prepared, index, valid, position, module, layer, (start, rows)),
-        jnp.arange(0, d_out, rows),
-    )  # [d_out / R, C, R, d_in]
-    return jnp.moveaxis(blocks, 0, 1).reshape(clusters, d_out, d_in)
-
-
-def _delta_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
-    """``{module: [C, L, d_out, d_in]}`` merged deltas, one layer and one block of
-    output rows at a time (`_merge_block`)."""
-    out = {}
-    for position, module in enumerate(sorted(prepared.factors)):
-        _, layers, d_out, _ = prepared.factors[module]["B"].shape
-        d_in = prepared.factors[module]["A"].shape[-1]
-        merge = functools.partial(
-            _merge_matrix,
-            prepared,
-            index,
-            valid,
-            position,
-            module,
-            rows=_block_rows(prepared, index.shape[0], d_out, d_in),
-        )
-        out[module] = jnp.moveaxis(jax.lax.map(merge, jnp.arange(layers)), 0, 1)
-    return out
-
-
-def _factor_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
-    """``{module: {"A": [C, L, r, d_in], "B": [C, L, d_out, r]}}`` merged factors."""
-    config = prepared.config
-    members = jax.tree.map(lambda x: x[index], prepared.sparse_factors)
-    scale = prepared.scale[index]
-    merged = kmerge.combine_factor_members(members, scale, valid, prepared.weights[index], config)
-    if config.singletons == "keep":
-        # The first member unmerged, its scale split over A and B as the combine does.
-        root = jnp.sqrt(jnp.abs(scale[:, 0])).reshape(-1, 1, 1, 1)
-        sign = jnp.sign(scale[:, 0]).reshape(-1, 1, 1, 1)
-        first = {
-            m: {"A": f["A"][index[:, 0]] * sign * root, "B": f["B"][index[:, 0]] * root}
-            for m, f in prepared.factors.items()
-        }
-        merged = kmerge.keep_single_members(merged, first, valid)
-    return merged
-
-
-def _subspace_space(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
-    """``{module: [C, L, d_out, d_in]}`` merged deltas of a subspace method (TSV-M,
-    Iso-C / Iso-CTS, KnOTS: `kernels.merge.subspace_members`), one layer at a time
-    from the members' factors; the merge then goes through the usual truncation
-    back to rank r (TSV-M and Iso already keep only their top-r directions)."""
-    config = prepared.config
-    scale, weights = prepared.scale[index], prepared.weights[index]
-    out = {}
-    for module in sorted(prepared.factors):
-        f = prepared.factors[module]
-
-        def layer_merge(layer, f=f):
-            a, b = f["A"][index, layer], f["B"][index, layer]  # [C, S, r, i], [C, S, o, r]
-            merged = kmerge.subspace_members(a, b, scale, valid, weights, config, prepared.rank)
-            if config.singletons == "keep":
-                first = lowrank.factors_to_delta(a[:, 0], b[:, 0], scale[:, 0])
-                merged = kmerge.keep_single_members(merged, first, valid)
-            return merged
-
-        layers = f["A"].shape[1]
-        out[module] = jnp.moveaxis(jax.lax.map(layer_merge, jnp.arange(layers)), 0, 1)
-    return out
-
-
 def _combine(prepared: PreparedLibrary, index: jax.Array, valid: jax.Array):
     """Delta space: ``{m: [C, L, o, i]}``; factor space: ``{m: {"A", "B"}}`` [C, ...]."""
-    if prepared.config.spec.is_subspace:
-        return _subspace_space(prepared, index, valid)
-    if prepared.config.space == "delta":
-        return _delta_space(prepared, index, valid)
-    return _factor_space(prepared, index, valid)
+    p, config = prepared, prepared.config
+    if config.spec.is_subspace:
+        return kmerge.merge_member_subspace(
+            p.factors, p.scale, p.weights, index, valid, config, p.rank
+        )
+    if config.space == "delta":
+        return kmerge.merge_member_deltas(
+            p.factors, p.scale, p.state, p.weights, index, valid, config
+        )
+    return kmerge.merge_member_factors(
+        p.factors, p.sparse_factors, p.scale, p.weights, index, valid, config
+    )
 
 
 def _as_deltas(prepared: PreparedLibrary, combined) -> dict[str, dict[str, jax.Array]]:

@@ -1,31 +1,39 @@
-"""Batched model-merging kernels: TIES, linear, task arithmetic, DARE, magnitude prune.
+"""Batched model-merging kernels: TIES, linear, task arithmetic, DARE, DELLA,
+breadcrumbs, magnitude prune, and the subspace merges (TSV-M, Iso-C / Iso-CTS, KnOTS).
 
 Everything here is pure array math over pytrees whose leaves carry the adapter
-axis N first. A batch of C clusters (or candidates) is given by its members:
-tensors gathered as ``[C, S, ...]`` with ``valid [C, S]`` marking the slots in use
-(`combine_members`, `combine_factor_members`), so a merge reduces over a cluster's
-S members, not over the library, with no Python loop over adapters or clusters.
-`combine_deltas` / `combine_factors` take a mask ``membership [C, N]`` instead and
-gather all N slots (`member_index`): the jittable form for small libraries and
-tests; `d2c_jax.merging` builds the member lists on the host, padded to a few
-bucket sizes S.
+axis N first; `d2c_jax.merging` only plans (member lists, groups of rows) and
+calls these. A batch of C clusters (or candidates) is given by its members:
+``index [C, S]`` into the library with ``valid [C, S]`` marking the slots in use,
+so a merge reduces over a cluster's S members, not over the library, with no
+Python loop over adapters or clusters.
 
-Two stages, because trimming depends only on each adapter, never on the cluster:
+Two stages, because sparsifying depends only on each adapter, never on the cluster:
 
-1. *prepare* (once per adapter library and config): sparsify each adapter's task
-   tensors: TIES / magnitude prune keep the top ``density`` fraction by magnitude,
-   DARE keeps each entry with probability ``density`` and rescales by
-   ``1 / density``; linear and task arithmetic keep everything.
-2. *combine* (per membership mask, cheap): weighted sum, or the TIES sign
-   election and disjoint mean, then a per-cluster factor ``lambda / D_c``.
-
-Semantics (``x_n`` = prepared tensor of adapter n, ``w_n`` = its weight; sums
-run over the members of cluster c):
+1. *prepare* (once per adapter library and config): each sparsification of the
+   registry `SPARSIFIERS` finds a small state per matrix (a magnitude threshold,
+   a band, a PRNG key, a packed mask). Factor space applies it to A and B at once
+   (`prepare_factors`); delta space keeps only the state (`prepare_delta_state`),
+   never the dense deltas.
+2. *combine* (per member list, cheap): weighted sum, or the TIES sign election
+   and disjoint mean, then a per-cluster factor ``lambda / D_c``. Delta space
+   streams (`merge_member_deltas`): each member's delta is recomputed from its
+   factors, sparsified by its state and added to running sums (`member_sums`,
+   `add_sums`, `finish_sums`); factor space gathers the sparsified factors
+   (`merge_member_factors`); subspace methods merge whole member matrices
+   (`merge_member_subspace`).
 
 Which method sparsifies how, votes on signs or not, and divides by what by
 default is the registry `kernels.merge_methods.MERGE_METHODS`; the kernels dispatch
 on those fields, never on a method's name.
 
+Semantics (``x_n`` = sparsified tensor of adapter n, ``w_n`` = its weight; sums
+run over the members of cluster c):
+
+- Sparsifications: ``magnitude`` keeps the top ``density`` fraction by |x| (TIES,
+  magnitude prune), ``dare`` keeps each entry with probability ``density`` and
+  rescales by ``1 / density``, ``della`` and ``breadcrumbs`` as
+  `kernels.merge_methods` says; ``none`` keeps everything.
 - Weighted-sum methods (sign consensus "none": linear, task_arithmetic,
   magnitude_prune, dare_linear): ``merged_c = lambda / D_c * sum_n w_n x_n`` with
   ``D_c`` = 1 (divisor "none"), the member count ("count") or ``sum_n w_n`` ("weight").
@@ -39,10 +47,10 @@ on those fields, never on a method's name.
 
 Spaces:
 
-- delta space (`prepare_deltas`, `combine_deltas`): the task vector of adapter n
-  is its dense ``scale_n * B_n @ A_n`` per module (``{module: [N, L, d_out, d_in]}``);
-  truncating the result back to rank r is `kernels.lowrank`'s job.
-- factor space (`prepare_factors`, `combine_factors`): PEFT
+- delta space (`prepare_delta_state`, `merge_member_deltas`): the task vector of
+  adapter n is its dense ``scale_n * B_n @ A_n`` per module (``[N, L, d_out,
+  d_in]``); truncating the result back to rank r is `kernels.lowrank`'s job.
+- factor space (`prepare_factors`, `merge_member_factors`): PEFT
   ``add_weighted_adapter`` semantics (peft 0.21 ``_generalized_task_arithmetic_
   weighted_adapter``). A and B are merged as separate task tensors per module and
   layer: the weight of adapter n becomes ``sign(w_n s_n) sqrt(|w_n s_n|)`` on A
@@ -63,8 +71,8 @@ largest magnitudes, selected by a threshold searched on the float bit patterns
 (no sorting). Thresholds are per matrix (`trim_thresholds`), so a caller can keep
 them instead of the trimmed tensors and trim any member again on the fly
 (`apply_thresholds`); DARE's masks are likewise redrawn per matrix from the
-adapter's key (`dare_keep`). Entries tied with the k-th largest magnitude are all kept, which
-only differs from top-k when magnitudes repeat exactly.
+matrix's key (`matrix_keys`). Entries tied with the k-th largest magnitude are all
+kept, which only differs from top-k when magnitudes repeat exactly.
 """
 
 from __future__ import annotations
@@ -72,13 +80,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import lowrank
 from kernels.merge_methods import DIVISORS, PARAM_DEFAULTS, MergeMethod, get_method
 
 SINGLETONS = ("keep", "merge")
@@ -328,19 +337,13 @@ def _top_k_threshold(bits: list[jax.Array], k: int) -> jax.Array:
 BISECT_EVERY = 8
 
 
-def _row_thresholds(blocks: list[jax.Array], density: float) -> jax.Array:
-    """``[R]`` int32 thresholds on magnitude bit patterns keeping the top `density`
-    fraction of the entries in each row of `blocks` (keep ``bits >= threshold``).
+def _row_thresholds_k(blocks: list[jax.Array], k: int) -> jax.Array:
+    """``[R]`` int32 thresholds on magnitude bit patterns keeping the top `k` (static)
+    entries of each row of `blocks` (keep ``bits >= threshold``).
 
     `blocks` are ``[R, M_j]`` magnitude bit patterns (`_magnitude_bits`) sharing the
-    row axis; each row keeps ``k = int(density * sum M_j)`` entries across all its
-    blocks.
+    row axis; each row keeps k entries across all its blocks.
     """
-    return _row_thresholds_k(blocks, int(density * sum(b.shape[1] for b in blocks)))
-
-
-def _row_thresholds_k(blocks: list[jax.Array], k: int) -> jax.Array:
-    """`_row_thresholds` keeping the top `k` entries of each row (static k)."""
     rows = blocks[0].shape[0]
     total = sum(b.shape[1] for b in blocks)
     if k >= total:
@@ -462,35 +465,18 @@ def trim_masks(tree: Tree, density: float, scope: Literal["global", "per-tensor"
     return jax.tree.map(apply_thresholds, tree, trim_thresholds(tree, density, scope))
 
 
-def dare_keep(keys: jax.Array, leaf: int, matrix: jax.Array | int, shape, density: float):
-    """DARE keep-masks ``[*keys.shape, *shape]`` of one matrix of each key's adapter.
+def matrix_keys(keys: jax.Array, tree: Tree) -> Tree:
+    """The PRNG key of every matrix of `tree`: leaves ``[N, ...]`` uint32 key data.
 
-    The mask of matrix `matrix` (flat index over a leaf's axes between the adapter
-    axis and the matrix) of leaf `leaf` (position in `jax.tree` flattening order)
-    draws from ``fold_in(fold_in(key, leaf), matrix)``: it depends on nothing but
-    the adapter's key and the matrix's place, so a merge can redraw any member's
-    mask on its own (`matrix` may be traced, e.g. a layer index in a loop).
-    """
-
-    def one(key):
-        key = jax.random.fold_in(jax.random.fold_in(key, leaf), matrix)
-        return jax.random.bernoulli(key, density, tuple(shape))
-
-    return jax.vmap(one)(keys.reshape(-1)).reshape(keys.shape + tuple(shape))
-
-
-def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
-    """DARE keep-masks: each entry kept independently with probability `density`.
+    Matrix `i` (flat index over a leaf's axes between the adapter axis and the
+    matrix) of leaf `j` (position in `jax.tree` flattening order) of adapter n draws
+    from ``fold_in(fold_in(keys[n], j), i)``: it depends on nothing but the
+    adapter's key and the matrix's place, so an adapter's masks are the same in any
+    library or subset it sits in.
 
     Args:
-      keys: ``[N]`` typed PRNG keys (``jax.random.key``), one per adapter, so an
-        adapter's mask depends on its own key only, not on the other adapters.
-      tree: pytree of ``[N, ..., m, n]`` leaves; each ``[m, n]`` matrix draws its own
-        stream (`dare_keep`).
-      density: keep probability in (0, 1].
-
-    Returns:
-      Boolean masks with the structure and shapes of `tree`.
+      keys: ``[N]`` typed PRNG keys (``jax.random.key``), one per adapter.
+      tree: pytree of ``[N, ..., m, n]`` leaves (only their shapes are read).
     """
     leaves, treedef = jax.tree.flatten(tree)
     n = _leading_size(tree)
@@ -498,16 +484,47 @@ def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
         raise ValueError(
             f"keys must be {n} typed PRNG keys (jax.random.key), got {keys.shape} {keys.dtype}"
         )
-    masks = []
+    out = []
     for j, leaf in enumerate(leaves):
         if leaf.ndim < 3:
-            raise ValueError(f"DARE needs [N, ..., m, n] leaves, got {leaf.shape}")
-        matrices = math.prod(leaf.shape[1:-2])
-        per_matrix = jax.vmap(
-            lambda i, j=j, leaf=leaf: dare_keep(keys, j, i, leaf.shape[-2:], density)
-        )(jnp.arange(matrices))  # [M, N, m, n]
-        masks.append(jnp.moveaxis(per_matrix, 0, 1).reshape(leaf.shape))
-    return jax.tree.unflatten(treedef, masks)
+            raise ValueError(f"random masks need [N, ..., m, n] leaves, got {leaf.shape}")
+        count = math.prod(leaf.shape[1:-2])
+
+        def fold(key, j=j, count=count):
+            leaf_key = jax.random.fold_in(key, j)
+            return jax.vmap(lambda i: jax.random.fold_in(leaf_key, i))(jnp.arange(count))
+
+        folded = jax.vmap(fold)(keys)  # [N, count]
+        out.append(jax.random.key_data(folded.reshape(leaf.shape[:-2])))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _draws(key_data: jax.Array, draw) -> jax.Array:
+    """``draw(key)`` for each matrix key of ``key_data [..., 2]``: ``[..., *shape]``."""
+    keys = jax.random.wrap_key_data(key_data)
+    out = jax.vmap(draw)(keys.reshape(-1))
+    return out.reshape(keys.shape + out.shape[1:])
+
+
+def dare_masks(keys: jax.Array, tree: Tree, density: float) -> Tree:
+    """DARE keep-masks: each entry kept independently with probability `density`.
+
+    Args:
+      keys: ``[N]`` typed PRNG keys, one per adapter (`matrix_keys` gives each
+        ``[m, n]`` matrix its own stream).
+      tree: pytree of ``[N, ..., m, n]`` leaves.
+      density: keep probability in (0, 1].
+
+    Returns:
+      Boolean masks with the structure and shapes of `tree`.
+    """
+    return jax.tree.map(
+        lambda x, k: _dare_keep(k, x.shape[-2:], density), tree, matrix_keys(keys, tree)
+    )
+
+
+def _dare_keep(key_data: jax.Array, shape, density: float) -> jax.Array:
+    return _draws(key_data, lambda k: jax.random.bernoulli(k, density, tuple(shape)))
 
 
 def della_probabilities(x: jax.Array, density: float, epsilon: float) -> jax.Array:
@@ -524,15 +541,10 @@ def della_probabilities(x: jax.Array, density: float, epsilon: float) -> jax.Arr
     return (density - epsilon) + rank_norm * (2 * epsilon)
 
 
-def della_uniform(keys: jax.Array, leaf: int, matrix: jax.Array | int, shape) -> jax.Array:
-    """Uniform draws ``[*keys.shape, *shape]`` deciding DELLA's masks of one matrix of
-    each key's adapter; streams as `dare_keep` (``fold_in(fold_in(key, leaf), matrix)``)."""
-
-    def one(key):
-        key = jax.random.fold_in(jax.random.fold_in(key, leaf), matrix)
-        return jax.random.uniform(key, tuple(shape), jnp.float32)
-
-    return jax.vmap(one)(keys.reshape(-1)).reshape(keys.shape + tuple(shape))
+def della_uniform(key_data: jax.Array, shape) -> jax.Array:
+    """Uniform draws ``[..., *shape]`` in [0, 1) deciding DELLA's masks, one matrix
+    per key of ``key_data [..., 2]`` (from `matrix_keys`)."""
+    return _draws(key_data, lambda k: jax.random.uniform(k, tuple(shape), jnp.float32))
 
 
 # mergekit's ``rescaled_masked_tensor``: no rescaling when either L1 norm is below this.
@@ -559,60 +571,121 @@ def della_sparsify(
     return keep, jnp.where(small, 1.0, before / jnp.where(small, 1.0, after))
 
 
-def della_tree(keys: jax.Array, tree: Tree, density: float, epsilon: float) -> Tree:
-    """DELLA-sparsified `tree` (leaves ``[N, ..., m, n]``), each matrix drawing its own
-    stream from its adapter's key (`della_uniform`)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    n = _leading_size(tree)
-    if keys.shape != (n,) or not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
-        raise ValueError(
-            f"keys must be {n} typed PRNG keys (jax.random.key), got {keys.shape} {keys.dtype}"
+# --------------------------------------------------------------------------- sparsifiers
+#
+# Every sparsification is two functions, so each is written once for both spaces
+# and for the streamed merge:
+#
+#   prepare(tree, key_data, config) -> state: once per library. `tree` has leaves
+#     [N, ..., m, n]; `key_data` is `matrix_keys` of it (random sparsifiers, else
+#     None); the state has `tree`'s structure with, in place of each leaf, arrays
+#     leading with its matrix axes [N, ...] (a threshold, a band, a key, a packed
+#     mask: never a dense tensor).
+#   apply(x, state, config, rows) -> x sparsified: x [..., R, n] holds output rows
+#     ``rows = (start, R)`` of matrices whose state (leaves [...]) is given.
+#
+# Factor space applies them to the library's A and B once (`sparsify`); delta space
+# prepares from each adapter's dense delta a few at a time (`prepare_delta_state`)
+# and applies them to each member's recomputed delta in the stream (`member_deltas`).
+
+
+@dataclasses.dataclass(frozen=True)
+class Sparsifier:
+    """One entry of `SPARSIFIERS` (see the comment above for `prepare` and `apply`).
+
+    Attributes:
+      scoped: its state depends on `MergeConfig.trim` ("global": a whole adapter).
+      random: it draws from per-matrix PRNG keys.
+      reads_tensors: `prepare` reads the tensors (not only their shapes and keys).
+      whole_rows: `apply` needs every row of a matrix at once.
+    """
+
+    prepare: Callable[[Tree, Tree | None, MergeConfig], Tree]
+    apply: Callable[[jax.Array, Any, MergeConfig, tuple], jax.Array]
+    scoped: bool = False
+    random: bool = False
+    reads_tensors: bool = True
+    whole_rows: bool = False
+
+
+def _rows(x: jax.Array, rows: tuple) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, rows[0], rows[1], axis=-2)
+
+
+def _della_prepare(tree, key_data, config):
+    def one(x, k):
+        keep, rescale = della_sparsify(
+            x, della_uniform(k, x.shape[-2:]), config.density, config.epsilon
         )
-    out = []
-    for j, leaf in enumerate(leaves):
-        if leaf.ndim < 3:
-            raise ValueError(f"DELLA needs [N, ..., m, n] leaves, got {leaf.shape}")
-        matrices = math.prod(leaf.shape[1:-2])
-        u = jax.vmap(lambda i, j=j, leaf=leaf: della_uniform(keys, j, i, leaf.shape[-2:]))(
-            jnp.arange(matrices)
-        )  # [M, N, m, n]
-        u = jnp.moveaxis(u, 0, 1).reshape(leaf.shape)
-        keep, rescale = della_sparsify(leaf, u, density, epsilon)
-        out.append(jnp.where(keep, leaf * rescale[..., None, None], 0))
-    return jax.tree.unflatten(treedef, out)
+        # 8 entries a byte: DELLA's ranks need a sort too costly to redo per member
+        # and merge, so its masks are drawn once and kept (1/32 of the deltas' bytes).
+        return jnp.packbits(keep, axis=-1), rescale
+
+    return jax.tree.map(one, tree, key_data)
 
 
-def _sparsify(tree: Tree, config: MergeConfig, keys: jax.Array | None) -> Tree:
-    if config.spec.sparsify == "magnitude":
-        masks = trim_masks(tree, config.density, config.trim)
-        return jax.tree.map(lambda x, m: jnp.where(m, x, 0), tree, masks)
-    if config.spec.sparsify == "breadcrumbs":
-        bands = band_thresholds(tree, config.density, config.gamma, config.trim)
-        return jax.tree.map(lambda x, t: jnp.where(apply_band(x, t), x, 0), tree, bands)
-    if config.spec.sparsify in ("dare", "della") and keys is None:
+def _della_apply(x, state, config, rows):
+    packed, rescale = state
+    keep = jnp.unpackbits(_rows(packed, rows), axis=-1, count=x.shape[-1]).astype(bool)
+    return jnp.where(keep, x * rescale[..., None, None], 0.0)
+
+
+SPARSIFIERS = {
+    "none": Sparsifier(
+        prepare=lambda tree, key_data, config: jax.tree.map(lambda _: (), tree),
+        apply=lambda x, state, config, rows: x,
+        reads_tensors=False,
+    ),
+    "magnitude": Sparsifier(
+        prepare=lambda tree, key_data, config: trim_thresholds(tree, config.density, config.trim),
+        apply=lambda x, t, config, rows: jnp.where(apply_thresholds(x, t), x, 0.0),
+        scoped=True,
+    ),
+    "breadcrumbs": Sparsifier(
+        prepare=lambda tree, key_data, config: band_thresholds(
+            tree, config.density, config.gamma, config.trim
+        ),
+        apply=lambda x, bands, config, rows: jnp.where(apply_band(x, bands), x, 0.0),
+        scoped=True,
+    ),
+    "dare": Sparsifier(
+        prepare=lambda tree, key_data, config: key_data,
+        apply=lambda x, k, config, rows: jnp.where(
+            _dare_keep(k, x.shape[-2:], config.density), x / config.density, 0.0
+        ),
+        random=True,
+        reads_tensors=False,
+        whole_rows=True,
+    ),
+    "della": Sparsifier(prepare=_della_prepare, apply=_della_apply, random=True),
+}
+
+
+def sparsifier(config: MergeConfig) -> Sparsifier:
+    """The `SPARSIFIERS` entry of the config's method."""
+    return SPARSIFIERS[config.spec.sparsify]
+
+
+def _key_data(spec: Sparsifier, tree: Tree, config: MergeConfig, keys: jax.Array | None):
+    if not spec.random:
+        return None
+    if keys is None:
         raise ValueError(f"method {config.method!r} needs PRNG keys for its random masks")
-    if config.spec.sparsify == "della":
-        return della_tree(keys, tree, config.density, config.epsilon)
-    if config.spec.sparsify == "dare":
-        masks = dare_masks(keys, tree, config.density)
-        return jax.tree.map(lambda x, m: jnp.where(m, x / config.density, 0), tree, masks)
-    return tree
+    return matrix_keys(keys, tree)
 
 
-def prepare_deltas(
-    deltas: Mapping[str, jax.Array], config: MergeConfig, keys: jax.Array | None = None
-) -> dict[str, jax.Array]:
-    """Sparsify each adapter's dense task vector (once per library): delta-space stage 1.
+def sparsify(tree: Tree, config: MergeConfig, keys: jax.Array | None = None) -> Tree:
+    """Each adapter's tensors sparsified whole: leaves ``[N, ..., m, n]`` in and out
+    (trimmed / masked and rescaled, unweighted).
 
     Args:
-      deltas: ``{module: [N, L, d_out, d_in]}``, LoRA scale folded in.
-      config: the merge; reads method, density, trim.
-      keys: ``[N]`` typed PRNG keys, required by DARE methods.
-
-    Returns:
-      ``{module: [N, L, d_out, d_in]}``, trimmed / DARE-masked and unweighted.
+      tree: pytree of ``[N, ..., m, n]`` leaves.
+      config: the merge; reads method, density, trim and the method's parameters.
+      keys: ``[N]`` typed PRNG keys, required by the random sparsifiers.
     """
-    return _sparsify(dict(deltas), config, keys)
+    spec = sparsifier(config)
+    state = spec.prepare(tree, _key_data(spec, tree, config, keys), config)
+    return jax.tree.map(lambda x, s: spec.apply(x, s, config, (0, x.shape[-2])), tree, state)
 
 
 def prepare_factors(
@@ -625,7 +698,7 @@ def prepare_factors(
     Args:
       factors: ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}`` (unscaled).
       config: the merge; reads method, density, trim.
-      keys: ``[N]`` typed PRNG keys, required by DARE methods.
+      keys: ``[N]`` typed PRNG keys, required by the random sparsifiers.
 
     Returns:
       The same structure, trimmed / DARE-masked; global trimming runs separately
@@ -635,34 +708,68 @@ def prepare_factors(
     for m in modules:
         if set(factors[m]) != {"A", "B"}:
             raise ValueError(f"{m}: expected factors {{'A', 'B'}}, got {sorted(factors[m])}")
-    if config.spec.sparsify in ("dare", "della"):
-        return _sparsify({m: dict(factors[m]) for m in modules}, config, keys)
-    sides = {side: _sparsify({m: factors[m][side] for m in modules}, config, keys) for side in "AB"}
+    if sparsifier(config).random:  # one tree: A and B of a module draw distinct streams
+        return sparsify({m: dict(factors[m]) for m in modules}, config, keys)
+    sides = {side: sparsify({m: factors[m][side] for m in modules}, config, keys) for side in "AB"}
     return {m: {side: sides[side][m] for side in "AB"} for m in modules}
 
 
-# --------------------------------------------------------------------------- combine
+# Dense deltas whose sparsifier state is found together when preparing a library:
+# adapters for global trimming, single matrices otherwise (so a step's deltas stay
+# in cache). They are the only dense [.., d_out, d_in] arrays preparing holds.
+PREPARE_BATCH = 4
 
 
-def _check_membership(membership: jax.Array, weights: jax.Array, n: int) -> jax.Array:
-    if membership.ndim != 2 or membership.shape[1] != n:
-        raise ValueError(f"membership must be [C, N] with N={n}, got shape {membership.shape}")
-    if weights.shape != (n,):
-        raise ValueError(f"weights must have shape ({n},), got {weights.shape}")
-    return membership
+def prepare_delta_state(
+    factors: Mapping[str, Mapping[str, jax.Array]],
+    scale: jax.Array,
+    config: MergeConfig,
+    keys: jax.Array | None = None,
+) -> dict[str, Any]:
+    """Delta-space stage 1 without the dense deltas: the sparsifier's state of every
+    adapter's ``scale_n * B_n @ A_n``, each delta formed only while its state is found.
 
+    Args:
+      factors: ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}``.
+      scale: ``[N]`` LoRA scales.
+      config: the merge (static).
+      keys: ``[N]`` typed PRNG keys, required by the random sparsifiers.
 
-def member_index(membership: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``membership [C, N]`` -> ``(index [C, N], valid [C, N])``: each row's members
-    first (in library order), then the other adapters marked invalid.
-
-    The jittable form of a member list (S = N); `d2c_jax.merging` builds the same
-    lists on the host, cut to a few bucket sizes S, so a merge costs what its
-    largest cluster costs rather than what the library costs.
+    Returns:
+      ``{module: state}`` with state leaves ``[N, L, ...]`` (see `SPARSIFIERS`).
     """
-    is_member = membership != 0
-    index = jnp.argsort(~is_member, axis=1, stable=True).astype(jnp.int32)
-    return index, jnp.take_along_axis(is_member, index, axis=1)
+    spec = sparsifier(config)
+    shapes = {
+        m: jax.ShapeDtypeStruct(f["B"].shape[:-1] + f["A"].shape[-1:], jnp.float32)
+        for m, f in factors.items()
+    }
+    key_data = _key_data(spec, shapes, config, keys)
+    if not spec.reads_tensors:
+        return spec.prepare(shapes, key_data, config)
+
+    def state_of(f, s, k):  # one adapter (global scope) or one matrix, as a batch of one
+        deltas = {m: lowrank.factors_to_delta(x["A"], x["B"], s)[None] for m, x in f.items()}
+        k = None if k is None else jax.tree.map(lambda d: d[None], k)
+        return jax.tree.map(lambda t: t[0], spec.prepare(deltas, k, config))
+
+    def each(f, s, k):
+        return jax.lax.map(lambda args: state_of(*args), (f, s, k), batch_size=PREPARE_BATCH)
+
+    if spec.scoped and config.trim == "global":
+        return each(dict(factors), scale, key_data)
+    out = {}
+    for m, x in factors.items():
+        n, layers = x["A"].shape[:2]
+        matrices = {side: f.reshape(n * layers, *f.shape[2:]) for side, f in x.items()}
+        matrix_keys_ = None if key_data is None else {m: key_data[m].reshape(n * layers, -1)}
+        found = each({m: matrices}, jnp.repeat(scale, layers), matrix_keys_)[m]
+        out[m] = jax.tree.map(
+            lambda t, n=n, layers=layers: t.reshape(n, layers, *t.shape[1:]), found
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- combine
 
 
 def member_sums(
@@ -769,52 +876,6 @@ def _scaled(x: jax.Array, factor: jax.Array) -> jax.Array:
     return x * factor.reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def combine_members(
-    members: Mapping[str, jax.Array], valid: jax.Array, weights: jax.Array, config: MergeConfig
-) -> dict[str, jax.Array]:
-    """Merge gathered prepared task tensors of each cluster: delta-space stage 2.
-
-    Args:
-      members: ``{module: [C, S, ...]}`` prepared tensors of each cluster's members
-        (slot s of row c is a member where ``valid[c, s]``, anything elsewhere).
-      valid: ``[C, S]`` bool.
-      weights: ``[C, S]`` the members' weights.
-      config: the merge (static).
-
-    Returns:
-      ``{module: [C, ...]}`` merged tensors (scale 1).
-    """
-    factor = cluster_factor(valid, weights, config)
-    return {
-        m: _scaled(x, factor)
-        for m, x in _combine_members(dict(members), valid, weights, config).items()
-    }
-
-
-def combine_deltas(
-    prepared: Mapping[str, jax.Array],
-    membership: jax.Array,
-    weights: jax.Array,
-    config: MergeConfig,
-) -> dict[str, jax.Array]:
-    """Merge prepared dense task vectors for every cluster of a mask (`combine_members`
-    over all N slots; the engine gathers only the members, see `d2c_jax.merging`).
-
-    Args:
-      prepared: ``{module: [N, L, d_out, d_in]}`` from `prepare_deltas`.
-      membership: ``[C, N]`` mask, row c = members of cluster c.
-      weights: ``[N]`` per-adapter weights.
-      config: the merge (static).
-
-    Returns:
-      ``{module: [C, L, d_out, d_in]}`` merged dense deltas (untruncated, scale 1).
-    """
-    n = _leading_size(prepared)
-    index, valid = member_index(_check_membership(membership, weights, n))
-    members = {m: x[index] for m, x in prepared.items()}
-    return combine_members(members, valid, weights[index], config)
-
-
 def combine_factor_members(
     members: Mapping[str, Mapping[str, jax.Array]],
     scale: jax.Array,
@@ -850,31 +911,6 @@ def combine_factor_members(
     return {m: {side: merged[side][m] for side in "AB"} for m in members}
 
 
-def combine_factors(
-    prepared: Mapping[str, Mapping[str, jax.Array]],
-    scale: jax.Array,
-    membership: jax.Array,
-    weights: jax.Array,
-    config: MergeConfig,
-) -> dict[str, dict[str, jax.Array]]:
-    """`combine_factor_members` for every cluster of a ``[C, N]`` mask (all N slots).
-
-    Args:
-      prepared: ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}`` from
-        `prepare_factors`.
-      scale: ``[N]`` LoRA scales.
-      membership: ``[C, N]`` mask.
-      weights: ``[N]`` per-adapter weights.
-      config: the merge (static).
-    """
-    n = _leading_size(prepared)
-    index, valid = member_index(_check_membership(membership, weights, n))
-    if scale.shape != (n,):
-        raise ValueError(f"scale must have shape ({n},), got {scale.shape}")
-    members = jax.tree.map(lambda x: x[index], dict(prepared))
-    return combine_factor_members(members, scale[index], valid, weights[index], config)
-
-
 def keep_single_members(merged: Tree, first: Tree, valid: jax.Array) -> Tree:
     """Clusters with exactly one member take that member unchanged.
 
@@ -890,6 +926,153 @@ def keep_single_members(merged: Tree, first: Tree, valid: jax.Array) -> Tree:
         merged,
         first,
     )
+
+
+# --------------------------------------------------------------------------- streamed merges
+#
+# The engine's merges of C clusters given by their members ``index [C, S]`` (into
+# the library's N adapters, each row's members first) and ``valid [C, S]``:
+# `merge_member_deltas` (delta space), `merge_member_factors` (factor space) and
+# `merge_member_subspace` (TSV-M, Iso, KnOTS). In delta space no dense delta of the
+# library exists: for one block of output rows of one layer at a time, each
+# member's delta is recomputed from its factors, sparsified by its stored state
+# (`SPARSIFIERS`) and added to running `member_sums`, so work is O(C x S) per layer
+# and temporaries are a few row blocks of C matrices, whatever N is.
+
+# Bytes of the running member sums of one block of output rows: the blocks are
+# sized so that the sums stay in cache while every member is added to them.
+STREAM_BLOCK_BYTES = 8 << 20
+
+
+def block_rows(config: MergeConfig, clusters: int, d_out: int, d_in: int) -> int:
+    """Output rows merged together: the largest divisor of `d_out` whose running
+    sums fit `STREAM_BLOCK_BYTES` (a sparsifier that draws whole matrices: all rows)."""
+    if sparsifier(config).whole_rows:
+        return d_out
+    fit = max(1, STREAM_BLOCK_BYTES // (4 * num_sums(config) * clusters * d_in))
+    return max(r for r in range(1, min(fit, d_out) + 1) if d_out % r == 0)
+
+
+def member_deltas(a: jax.Array, b: jax.Array, scale: jax.Array, rows: tuple) -> jax.Array:
+    """``[C, R, d_in]`` unmerged deltas (scale folded in) of one member per row:
+    ``a [C, r, d_in]``, ``b [C, d_out, r]``, ``scale [C]``; output rows
+    ``rows = (start, R)``."""
+    return lowrank.factors_to_delta(a, _rows(b, rows), scale)
+
+
+def _merge_block(library, index, valid, weights, module, layer, rows, config):
+    """``[C, R, d_in]`` merged rows ``rows = (start, R)`` of one layer's matrix: the
+    members are added one slot at a time to running `member_sums`, so no
+    ``[C, S, ...]`` member array exists and the work stops at the last slot in use."""
+    factors, scale, state = library
+    f, spec = factors[module], sparsifier(config)
+
+    def member(slot):
+        members = index[:, slot]
+        delta = member_deltas(f["A"][members, layer], f["B"][members, layer], scale[members], rows)
+        own = jax.tree.map(lambda s: s[members, layer], state[module])
+        return delta, spec.apply(delta, own, config, rows)
+
+    def add(slot, stats):
+        new = member_sums(
+            member(slot)[1][:, None], valid[:, slot, None], weights[:, slot, None], config
+        )
+        return add_sums(stats, new)
+
+    first, first_sparse = member(0)
+    stats = member_sums(first_sparse[:, None], valid[:, :1], weights[:, :1], config)
+    used = jnp.max(jnp.sum(valid, axis=1))  # members come first in each row
+    stats = jax.lax.fori_loop(1, used, add, stats)
+    merged = finish_sums(stats, config) * cluster_factor(valid, weights, config)[:, None, None]
+    if config.singletons == "keep":
+        merged = keep_single_members(merged, first, valid)
+    return merged
+
+
+def merge_member_deltas(
+    factors: Mapping[str, Mapping[str, jax.Array]],
+    scale: jax.Array,
+    state: Mapping[str, Any],
+    weights: jax.Array,
+    index: jax.Array,
+    valid: jax.Array,
+    config: MergeConfig,
+) -> dict[str, jax.Array]:
+    """Delta-space merge of each cluster's members, streamed (see the section comment).
+
+    Args:
+      factors: the library ``{module: {"A": [N, L, r, d_in], "B": [N, L, d_out, r]}}``.
+      scale: ``[N]`` LoRA scales.
+      state: `prepare_delta_state` of the library under `config`.
+      weights: ``[N]`` per-adapter weights.
+      index: ``[C, S]`` int members of each cluster, members first in each row.
+      valid: ``[C, S]`` bool slots in use.
+      config: the merge (static).
+
+    Returns:
+      ``{module: [C, L, d_out, d_in]}`` merged dense deltas (untruncated, scale 1).
+    """
+    index, valid = jnp.asarray(index), jnp.asarray(valid, bool)
+    library, member_weights = (factors, scale, state), weights[index]
+    out = {}
+    for module in sorted(factors):
+        _, layers, d_out, _ = factors[module]["B"].shape
+        size = block_rows(config, index.shape[0], d_out, factors[module]["A"].shape[-1])
+        matrix = functools.partial(
+            _merge_matrix, library, index, valid, member_weights, module, size=size, config=config
+        )
+        out[module] = jnp.moveaxis(jax.lax.map(matrix, jnp.arange(layers)), 0, 1)
+    return out
+
+
+def _merge_matrix(library, index, valid, weights, module, layer, size, config):
+    """``[C, d_out, d_in]`` merged matrix of one module at `layer`, `size` output rows
+    at a time (`_merge_block`)."""
+    f = library[0][module]
+    d_out, d_in = f["B"].shape[-2], f["A"].shape[-1]
+    blocks = jax.lax.map(
+        lambda start: _merge_block(
+            library, index, valid, weights, module, layer, (start, size), config
+        ),
+        jnp.arange(0, d_out, size),
+    )  # [d_out / R, C, R, d_in]
+    return jnp.moveaxis(blocks, 0, 1).reshape(index.shape[0], d_out, d_in)
+
+
+def merge_member_factors(
+    factors: Mapping[str, Mapping[str, jax.Array]],
+    sparse: Mapping[str, Mapping[str, jax.Array]],
+    scale: jax.Array,
+    weights: jax.Array,
+    index: jax.Array,
+    valid: jax.Array,
+    config: MergeConfig,
+) -> dict[str, dict[str, jax.Array]]:
+    """Factor-space merge of each cluster's members (PEFT semantics).
+
+    Args:
+      factors: the library's own factors (one-member clusters under
+        ``singletons="keep"`` take them unmerged).
+      sparse: `prepare_factors` of them.
+      scale, weights: ``[N]``; index, valid: ``[C, S]``; config: as `merge_member_deltas`.
+
+    Returns:
+      ``{module: {"A": [C, L, r, d_in], "B": [C, L, d_out, r]}}`` with scale 1.
+    """
+    index, valid = jnp.asarray(index), jnp.asarray(valid, bool)
+    members = jax.tree.map(lambda x: x[index], dict(sparse))
+    member_scale = scale[index]
+    merged = combine_factor_members(members, member_scale, valid, weights[index], config)
+    if config.singletons == "keep":
+        # The first member unmerged, its scale split over A and B as the combine does.
+        root = jnp.sqrt(jnp.abs(member_scale[:, 0])).reshape(-1, 1, 1, 1)
+        sign = jnp.sign(member_scale[:, 0]).reshape(-1, 1, 1, 1)
+        first = {
+            m: {"A": f["A"][index[:, 0]] * sign * root, "B": f["B"][index[:, 0]] * root}
+            for m, f in factors.items()
+        }
+        merged = keep_single_members(merged, first, valid)
+    return merged
 
 
 # --------------------------------------------------------------------------- subspace merges
@@ -1125,3 +1308,38 @@ def subspace_members(
     one = {"tsv": _tsv, "iso_c": _iso_c, "iso_cts": _iso_cts}[subspace]
     merged = jax.vmap(lambda *args: one(*args, keep=keep, config=config))(a, b, coef, valid)
     return merged * config.lam
+
+
+def merge_member_subspace(
+    factors: Mapping[str, Mapping[str, jax.Array]],
+    scale: jax.Array,
+    weights: jax.Array,
+    index: jax.Array,
+    valid: jax.Array,
+    config: MergeConfig,
+    rank: int,
+) -> dict[str, jax.Array]:
+    """Subspace merge (`subspace_members`) of each cluster's members, one layer at a
+    time from their factors; arguments as `merge_member_deltas`, `rank` the `keep`
+    of `subspace_members` (the library's rank r).
+
+    Returns:
+      ``{module: [C, L, d_out, d_in]}`` merged dense deltas, for the usual
+      truncation back to rank r (TSV-M and Iso already keep only r directions).
+    """
+    index, valid = jnp.asarray(index), jnp.asarray(valid, bool)
+    member_scale, member_weights = scale[index], weights[index]
+    out = {}
+    for module in sorted(factors):
+        f = factors[module]
+
+        def layer_merge(layer, f=f):
+            a, b = f["A"][index, layer], f["B"][index, layer]  # [C, S, r, i], [C, S, o, r]
+            merged = subspace_members(a, b, member_scale, valid, member_weights, config, rank)
+            if config.singletons == "keep":
+                first = lowrank.factors_to_delta(a[:, 0], b[:, 0], member_scale[:, 0])
+                merged = keep_single_members(merged, first, valid)
+            return merged
+
+        out[module] = jnp.moveaxis(jax.lax.map(layer_merge, jnp.arange(f["A"].shape[1])), 0, 1)
+    return out

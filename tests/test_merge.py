@@ -1,9 +1,11 @@
 """kernels.merge against PEFT's add_weighted_adapter on real (tiny) PEFT LoRA adapters.
 
 A tiny random LlamaForCausalLM gets four random LoRA adapters (different
-lora_alpha, so different scales); every merge is compared with what PEFT writes
-into lora_A / lora_B of the merged adapter, for several clusters at once
-(membership mask) against one PEFT call per cluster.
+lora_alpha, so different scales); every merge the engine runs (the kernels
+`merge_member_factors` and the streamed `merge_member_deltas`, given member lists)
+is compared with what PEFT writes into lora_A / lora_B of the merged adapter, for
+several clusters at once against one PEFT call per cluster; the kernel-level
+checks compare the kernels with the masked reference of `tests.merge_reference`.
 """
 
 from __future__ import annotations
@@ -19,21 +21,27 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import merge_utils
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from d2c_jax.merging import adapter_keys
+from d2c_jax.merging import adapter_keys, member_plan
 from kernels import merge as km
 from kernels.lowrank import factors_to_delta
 from kernels.merge import MergeConfig
+from tests.merge_reference import cluster_factor as ref_cluster_factor
+from tests.merge_reference import masked_merge_deltas, masked_sums
 
 
-def merge_deltas(deltas, membership, weights, config, keys=None):
-    """`prepare_deltas` then `combine_deltas` (what `d2c_jax.merging` does, jit aside)."""
-    return km.combine_deltas(km.prepare_deltas(deltas, config, keys), membership, weights, config)
+def kernel_merge_deltas(factors, scale, membership, weights, config, keys=None):
+    """The streamed delta-space kernels on host member lists (`d2c_jax.merging`'s
+    path, jit and row groups aside)."""
+    index, valid = member_plan(membership, scale.shape[0])
+    state = km.prepare_delta_state(factors, scale, config, keys)
+    return km.merge_member_deltas(factors, scale, state, weights, index, valid, config)
 
 
-def merge_factors(factors, scale, membership, weights, config, keys=None):
-    """`prepare_factors` then `combine_factors`."""
-    prepared = km.prepare_factors(factors, config, keys)
-    return km.combine_factors(prepared, scale, membership, weights, config)
+def kernel_merge_factors(factors, scale, membership, weights, config, keys=None):
+    """`prepare_factors` then `merge_member_factors` on host member lists."""
+    index, valid = member_plan(membership, scale.shape[0])
+    sparse = km.prepare_factors(factors, config, keys)
+    return km.merge_member_factors(factors, sparse, scale, weights, index, valid, config)
 
 
 TINY = dict(
@@ -138,7 +146,7 @@ def _membership():
 
 def _ours_factor(params, scale, config, weights):
     keys = adapter_keys(NAMES, config.seed)
-    return merge_factors(
+    return kernel_merge_factors(
         jax.tree.map(jnp.asarray, params),
         jnp.asarray(scale),
         _membership(),
@@ -246,7 +254,7 @@ def test_dare_mask_statistics():
     assert not np.array_equal(masks["q"], other["q"])
     # kept entries are rescaled by 1 / density, dropped ones are zero
     config = MergeConfig("dare_linear", density=0.3)
-    prepared = km.prepare_deltas(tree, config, keys)
+    prepared = km.sparsify(tree, config, keys)
     np.testing.assert_allclose(prepared["q"], np.where(masks["q"], 1 / 0.3, 0), rtol=1e-6)
 
 
@@ -263,11 +271,10 @@ def test_delta_space_equals_peft_svd_variants(peft_library, config, combination,
     from kernels.lowrank import delta_to_factors
 
     model, params, scale = peft_library
-    deltas = {
-        m: factors_to_delta(jnp.asarray(f["A"]), jnp.asarray(f["B"]), jnp.asarray(scale))
-        for m, f in params.items()
-    }
-    merged = merge_deltas(deltas, _membership(), jnp.asarray(weights), config)
+    factors = jax.tree.map(jnp.asarray, params)
+    merged = kernel_merge_deltas(
+        factors, jnp.asarray(scale), _membership(), jnp.asarray(weights), config
+    )
     for c, members in enumerate(CLUSTERS):
         ref, scaling = _peft_merge(model, members, weights, combination, config.density)
         for m in TARGETS:
@@ -301,43 +308,56 @@ def test_trim_keeps_exactly_k_per_tensor_and_globally():
     assert np.all(np.asarray(km.trim_masks(tree, 1.0, "per-tensor")["v"]) == 1)
 
 
-def test_membership_changes_do_not_retrace_and_vmap_over_candidates():
-    rng = np.random.default_rng(0)
-    deltas = {"q": jnp.asarray(rng.standard_normal((5, 2, 6, 7)), jnp.float32)}
+def _random_factors(seed, n=5, d_out=6, d_in=7, rank=3):
+    rng = np.random.default_rng(seed)
+    factors = {
+        "q": {
+            "A": jnp.asarray(rng.standard_normal((n, 2, rank, d_in)), jnp.float32),
+            "B": jnp.asarray(rng.standard_normal((n, 2, d_out, rank)), jnp.float32),
+        }
+    }
+    return factors, jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+
+
+def test_member_changes_do_not_retrace_and_vmap_over_candidates():
+    factors, scale = _random_factors(0)
     config = MergeConfig("ties", density=0.4)
-    prepared = km.prepare_deltas(deltas, config)
+    state = km.prepare_delta_state(factors, scale, config)
     weights = jnp.ones(5)
     traces = []
 
     @jax.jit
-    def combine(membership):
+    def merge(index, valid):
         traces.append(1)
-        return km.combine_deltas(prepared, membership, weights, config)
+        return km.merge_member_deltas(factors, scale, state, weights, index, valid, config)
 
-    a = combine(jnp.asarray([[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], jnp.float32))
-    b = combine(jnp.asarray([[1, 0, 0, 0, 1], [0, 1, 1, 1, 0]], jnp.float32))
+    masks = np.asarray([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], [[1, 0, 0, 0, 1], [0, 1, 1, 1, 0]]])
+    plans = [member_plan(mask, 5) for mask in masks]
+    a, b = (merge(*plan) for plan in plans)
     assert len(traces) == 1
-    stacked = jax.vmap(combine)(
-        jnp.asarray(
-            [[[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]], [[1, 0, 0, 0, 1], [0, 1, 1, 1, 0]]], jnp.float32
-        )
-    )
-    np.testing.assert_allclose(stacked["q"][0], a["q"], rtol=1e-6)
-    np.testing.assert_allclose(stacked["q"][1], b["q"], rtol=1e-6)
+    stacked = jax.vmap(merge)(*(np.stack(parts) for parts in zip(*plans, strict=True)))
+    deltas = {"q": factors_to_delta(factors["q"]["A"], factors["q"]["B"], scale)}
+    for merged, batched, mask in ((a, stacked["q"][0], masks[0]), (b, stacked["q"][1], masks[1])):
+        np.testing.assert_allclose(batched, merged["q"], rtol=1e-6)
+        reference = masked_merge_deltas(deltas, mask, weights, config)["q"]
+        np.testing.assert_allclose(merged["q"], reference, rtol=1e-5, atol=1e-5)
 
 
 def test_weighted_sign_vote_differs_from_unweighted_with_negative_weights():
-    x = jnp.asarray([[[[1.0]]], [[[0.4]]]])  # two adapters, one entry
-    weights = jnp.asarray([1.0, -3.0])
-    membership = jnp.ones((1, 2))
-    unweighted = merge_deltas({"q": x}, membership, weights, MergeConfig("ties", density=1.0))
-    weighted = merge_deltas(
-        {"q": x}, membership, weights, MergeConfig("ties", density=1.0, sign_vote="weighted")
+    # two adapters, one entry: delta = B @ A = x
+    factors = {"q": {"A": jnp.ones((2, 1, 1, 1)), "B": jnp.asarray([[[[1.0]]], [[[0.4]]]])}}
+    scale, weights, membership = jnp.ones(2), jnp.asarray([1.0, -3.0]), np.ones((1, 2))
+    unweighted, weighted = (
+        kernel_merge_deltas(factors, scale, membership, weights, config)["q"].ravel()
+        for config in (
+            MergeConfig("ties", density=1.0),
+            MergeConfig("ties", density=1.0, sign_vote="weighted"),
+        )
     )
     # unweighted: both positive, elect +, mean of (1, -1.2) = -0.1
-    np.testing.assert_allclose(unweighted["q"].ravel(), [-0.1], rtol=1e-6)
+    np.testing.assert_allclose(unweighted, [-0.1], rtol=1e-6)
     # weighted: values (1, -1.2) sum negative, elect -, only the second agrees
-    np.testing.assert_allclose(weighted["q"].ravel(), [-1.2], rtol=1e-6)
+    np.testing.assert_allclose(weighted, [-1.2], rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -359,15 +379,15 @@ def test_config_validation(kwargs, match):
         MergeConfig(**kwargs)
 
 
-def test_kernel_shape_errors():
-    deltas = {"q": jnp.zeros((3, 2, 4, 4))}
-    config = MergeConfig("linear")
-    with pytest.raises(ValueError, match="membership must be"):
-        merge_deltas(deltas, jnp.ones((2, 4)), jnp.ones(3), config)
-    with pytest.raises(ValueError, match="weights must have shape"):
-        merge_deltas(deltas, jnp.ones((2, 3)), jnp.ones(4), config)
+def test_random_sparsifiers_need_keys():
+    config = MergeConfig("dare_linear", density=0.5)
+    factors, scale = _random_factors(0, n=3)
     with pytest.raises(ValueError, match="PRNG keys"):
-        merge_deltas(deltas, jnp.ones((2, 3)), jnp.ones(3), MergeConfig("dare_linear", density=0.5))
+        km.sparsify({"q": jnp.zeros((3, 2, 4, 4))}, config)
+    with pytest.raises(ValueError, match="PRNG keys"):
+        km.prepare_delta_state(factors, scale, config)
+    with pytest.raises(ValueError, match="typed PRNG keys"):
+        km.prepare_delta_state(factors, scale, config, jnp.zeros((3, 2), jnp.uint32))
 
 
 def test_factor_global_trim_runs_over_all_modules_separately_for_a_and_b():
@@ -421,9 +441,15 @@ def test_member_sums_of_a_split_add_up_to_the_whole(config, split):
     np.testing.assert_allclose(
         km.finish_sums(streamed, config), km.finish_sums(whole, config), rtol=1e-5, atol=1e-6
     )
-    expected = km.combine_members({"m": x}, valid, weights, config)["m"]
     factor = km.cluster_factor(valid, weights, config)[:, None, None]
-    np.testing.assert_allclose(km.finish_sums(whole, config) * factor, expected, rtol=1e-6)
+    expected = [
+        masked_sums(x[c], valid[c][None], weights[c], config)[0]
+        * ref_cluster_factor(valid[c][None], weights[c], config)[0]
+        for c in range(3)
+    ]
+    np.testing.assert_allclose(
+        km.finish_sums(whole, config) * factor, np.stack(expected), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kind", ["normal", "sorted", "mostly_zero", "few_values", "heavy_tailed"])

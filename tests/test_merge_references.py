@@ -39,6 +39,7 @@ from d2c_jax import merging
 from d2c_jax.library import AdapterLibrary, embedded_library_dir
 from kernels import merge as km
 from kernels.merge import MergeConfig
+from tests.merge_reference import masked_merge_deltas
 
 mergekit_sparsify = pytest.importorskip("mergekit.sparsify")
 from mergekit.merge_methods import merge_tensors  # noqa: E402
@@ -90,7 +91,8 @@ def test_della_sparsify_equals_mergekit(monkeypatch, density, epsilon):
 
 def _our_della_draws(tasks):
     keys = merging.adapter_keys([f"t{i}" for i in range(len(tasks))], seed=0)
-    return keys, [np.asarray(km.della_uniform(k[None], 0, 0, tasks.shape[1:])[0]) for k in keys]
+    key_data = km.matrix_keys(keys, {"m": jnp.asarray(tasks)[:, None]})["m"][:, 0]
+    return keys, list(np.asarray(km.della_uniform(key_data, tasks.shape[1:])))
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
@@ -101,10 +103,9 @@ def test_della_methods_equal_mergekit(monkeypatch, method, weights):
     patched_bernoulli(monkeypatch, draws)
     ref = mergekit_merge(method, tasks, 0.4, weights, epsilon=0.2)
     config = MergeConfig(method, density=0.4, epsilon=0.2, sign_vote="weighted", singletons="merge")
-    prepared = km.prepare_deltas({"m": jnp.asarray(tasks)[:, None]}, config, keys)
-    ours = km.combine_deltas(prepared, jnp.ones((1, 4)), jnp.asarray(weights, jnp.float32), config)[
-        "m"
-    ][0, 0]
+    ours = masked_merge_deltas(
+        {"m": jnp.asarray(tasks)[:, None]}, np.ones((1, 4)), jnp.asarray(weights), config, keys
+    )["m"][0, 0]
     assert rel(ours, ref) < RTOL
 
 
@@ -117,10 +118,9 @@ def test_breadcrumbs_methods_equal_mergekit(method, density, gamma):
     config = MergeConfig(
         method, density=density, gamma=gamma, sign_vote="weighted", singletons="merge"
     )
-    prepared = km.prepare_deltas({"m": jnp.asarray(tasks)[:, None]}, config)
-    ours = km.combine_deltas(prepared, jnp.ones((1, 3)), jnp.asarray(weights, jnp.float32), config)[
-        "m"
-    ][0, 0]
+    ours = masked_merge_deltas(
+        {"m": jnp.asarray(tasks)[:, None]}, np.ones((1, 3)), jnp.asarray(weights), config
+    )["m"][0, 0]
     assert rel(ours, ref) < RTOL
 
 

@@ -22,6 +22,7 @@ from kernels import merge as km
 from kernels.lowrank import factors_to_delta
 from kernels.merge import MergeConfig
 from kernels.merge_methods import METHODS, get_method
+from tests.merge_reference import masked_merge_deltas, masked_merge_factors
 
 N, L, R, D_IN = 5, 2, 2, 8
 D_OUT = {"q_proj": 8, "v_proj": 4}
@@ -324,8 +325,8 @@ def test_dare_mask_depends_on_name_and_seed_not_on_the_library():
 )
 def test_gathered_merge_equals_the_masked_kernel_merge(method, space, trim, singletons, rows, seed):
     """The engine's merge (members gathered into buckets, deltas recomputed from the
-    factors and trimmed by stored thresholds) equals the kernels' masked merge over
-    every dense prepared adapter."""
+    factors and sparsified by their stored state) equals the masked reference
+    (`tests.merge_reference`) over every dense sparsified adapter."""
     params, scale = random_library(seed)
     config = _config(method, space, trim=trim, singletons=singletons, seed=seed)
     membership = np.asarray(rows, np.float32)
@@ -337,17 +338,11 @@ def test_gathered_merge_equals_the_masked_kernel_merge(method, space, trim, sing
         deltas = {
             m: factors_to_delta(f["A"], f["B"], jnp.asarray(scale)) for m, f in jparams.items()
         }
-        masked = km.combine_deltas(
-            km.prepare_deltas(deltas, config, keys), membership, weights, config
-        )
+        masked = masked_merge_deltas(deltas, membership, weights, config, keys)
         single = deltas
     else:
-        merged = km.combine_factors(
-            km.prepare_factors(jparams, config, keys),
-            jnp.asarray(scale),
-            membership,
-            weights,
-            config,
+        merged = masked_merge_factors(
+            jparams, jnp.asarray(scale), membership, weights, config, keys
         )
         masked = {m: factors_to_delta(f["A"], f["B"]) for m, f in merged.items()}
         single = {
@@ -451,9 +446,9 @@ def test_merging_blocks_of_rows_equals_whole_matrices(config, monkeypatch):
     membership = np.array([[1, 1, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 1]], np.float32)
     prepared = merging.prepare(params, scale, config, names=NAMES)
     whole = merging.merged_deltas(prepared, membership)
-    monkeypatch.setattr(merging, "STREAM_BLOCK_BYTES", 1)
+    monkeypatch.setattr(km, "STREAM_BLOCK_BYTES", 1)
     merging._merged_deltas_jit.clear_cache()  # traced under the old block size
-    assert merging._block_rows(prepared, 3, 8, D_IN) == (8 if config.method == "dare_ties" else 1)
+    assert km.block_rows(prepared.config, 3, 8, D_IN) == (8 if config.method == "dare_ties" else 1)
     blocked = merging.merged_deltas(prepared, membership)
     for m in D_OUT:
         np.testing.assert_allclose(blocked[m]["delta"], whole[m]["delta"], rtol=1e-6, atol=1e-6)
