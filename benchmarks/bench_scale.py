@@ -658,9 +658,9 @@ def plot(sizes: list[dict], path: Path) -> None:
     ax_m.axhline(24, color="k", ls=":", lw=1)
     ax_t.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    from d2c_jax.io import write_atomic
+
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds, args.max_iters = 1, 2
 
     from d2c_jax.cluster.objective import DevObjective
-    from d2c_jax.library import AdapterLibrary, embedded_library_dir, write_json_atomic
+    from d2c_jax.io import write_json_atomic
+    from d2c_jax.library import AdapterLibrary, embedded_library_dir
     from d2c_jax.merging import DEFAULT_MERGE
     from d2c_jax.models import load_base
     from d2c_jax.tasks import load_split

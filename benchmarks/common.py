@@ -9,14 +9,12 @@ atomically (a killed run never leaves a truncated result).
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -65,13 +63,9 @@ def machine_info() -> dict[str, Any]:
 
 def versions(packages: Iterable[str] = DEFAULT_PACKAGES) -> dict[str, str | None]:
     """Installed versions of `packages` (None when not installed)."""
-    found = {}
-    for name in packages:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    from d2c_jax.io import versions as installed
+
+    return installed(packages, missing=None)
 
 
 def time_calls(fn: Callable[[], Any], *, repeat: int = 5, warmup: int = 1) -> dict[str, Any]:
@@ -134,18 +128,9 @@ def write_result(
         "versions": versions(packages),
         **payload,
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".json", dir=results_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from d2c_jax.io import write_text_atomic
+
+    return write_text_atomic(results_dir / f"{name}.json", json.dumps(record, indent=2) + "\n")
 
 
 RESULTS_DOC = Path(__file__).resolve().parent.parent / "docs" / "RESULTS.md"
@@ -163,7 +148,7 @@ def write_results_section(name: str, command: str, body: str, doc: Path = RESULT
     A section runs from its marker ``<!-- section: name -->`` to the next marker, so
     each benchmark rewrites only its own part and the order of first writing is kept.
     """
-    from d2c_jax.library import write_text_atomic
+    from d2c_jax.io import write_text_atomic
 
     text = doc.read_text() if doc.is_file() else RESULTS_DOC_HEADER
     marker = f"<!-- section: {name} -->"

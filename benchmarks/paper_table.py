@@ -43,6 +43,7 @@ Outputs: ``<out>/paper_table.json``, ``paper_table.md`` and ``paper_table.png``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -61,7 +62,7 @@ from benchmarks.common import (  # noqa: E402
     write_results_section,
 )
 from d2c_jax.build_library import SETTINGS, TEST_EXAMPLES_PER_TASK  # noqa: E402
-from d2c_jax.library import write_json_atomic, write_text_atomic  # noqa: E402
+from d2c_jax.io import write_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 
 DATA_FREE = ("random", "kmeans", "mbc", "kmerge")
 # D2C variants compared on the validation slice (docs/RESULTS.md, ablation): name ->
@@ -190,6 +191,11 @@ def search_config(method: str) -> dict[str, Any]:
     }
 
 
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez appends .npz to a name
+        np.savez(f, **arrays)
+
+
 class Sweep:
     """Runs and caches the cells of the table (see module docstring)."""
 
@@ -271,9 +277,8 @@ class Sweep:
 
     def save_cache(self) -> None:
         for path, cached in self.caches.items():
-            tmp = path.with_name(f".{path.stem}.tmp.npz")
-            np.savez(tmp, names=np.asarray(self.library.names), **cached.state())
-            tmp.replace(path)
+            arrays = {"names": np.asarray(self.library.names), **cached.state()}
+            write_atomic(path, functools.partial(_savez, arrays=arrays))
 
     def objectives(self, assign: np.ndarray, k: int) -> tuple[float, float]:
         """(dev J, test J) of an assignment ``[N]`` into K clusters."""
@@ -674,10 +679,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title("Score against storage budget (mean ± std over seeds)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from d2c_jax import tasks as task_suite
-from d2c_jax.library import AdapterLibrary, embedded_library_dir, write_json_atomic
+from d2c_jax.io import write_json_atomic
+from d2c_jax.library import AdapterLibrary, embedded_library_dir
 from d2c_jax.train import TrainConfig, train_library
 
 EVAL_DIR_NAME = ".eval"

@@ -314,7 +314,7 @@ def evaluate_cached(
     import json
     from pathlib import Path
 
-    from d2c_jax.library import write_json_atomic
+    from d2c_jax.io import write_json_atomic
     from d2c_jax.tasks import suite_dir
 
     path = Path(cache_path)

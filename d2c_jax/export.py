@@ -50,13 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from d2c_jax.library import (
-    PROVENANCE_NAME,
-    AdapterLibrary,
-    LoraParams,
-    atomic_directory,
-    write_json_atomic,
-)
+from d2c_jax.io import atomic_directory, write_atomic, write_json_atomic
+from d2c_jax.library import PROVENANCE_NAME, AdapterLibrary, LoraParams
 
 EXPORT_FORMATS = ("gguf",)
 GGUF_DTYPES = ("bf16", "f16", "f32")
@@ -230,11 +225,7 @@ def write_gguf_adapter(
         if not np.isfinite(array).all():
             raise ValueError(f"{name or path}: {tensor_name} contains NaN or Inf")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), base.architecture)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -251,18 +242,8 @@ def write_gguf_adapter(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        tmp.chmod(0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return write_atomic(path, write).stat().st_size
 
 
 def read_gguf_adapter(path: str | os.PathLike, base: GGUFBase) -> tuple[LoraParams, float]:

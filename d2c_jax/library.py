@@ -54,8 +54,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -64,6 +62,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# write_json_atomic is re-exported for d2c_jax.commands.cluster, which imports it from here.
+from d2c_jax.io import atomic_directory, umask, write_json_atomic  # noqa: F401
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -800,12 +801,7 @@ class AdapterLibrary:
         """Save the stacked library with orbax (arrays) plus a JSON of metadata, atomically."""
         import orbax.checkpoint as ocp
 
-        path = Path(path).absolute()
-        if path.exists():
-            raise FileExistsError(f"{path} already exists")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             with ocp.StandardCheckpointer() as checkpointer:
                 checkpointer.save(
                     tmp / ARRAYS_DIR_NAME, {"params": self.params, "scale": self.scale}
@@ -820,10 +816,6 @@ class AdapterLibrary:
                 "stored_entries": self.stored_entries,
             }
             (tmp / LIBRARY_META_NAME).write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def restore(cls, path: str | os.PathLike) -> AdapterLibrary:
@@ -855,90 +847,6 @@ class AdapterLibrary:
 
 
 # ------------------------------------------------------------------- PEFT writing
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 `text`; a killed run leaves the old file or none."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def finite_json(data: Any) -> Any:
-    """`data` with every NaN or infinite float replaced by None (JSON has neither)."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    if isinstance(data, Mapping):
-        return {k: finite_json(v) for k, v in data.items()}
-    if isinstance(data, list | tuple):
-        return [finite_json(v) for v in data]
-    return data
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as indented UTF-8 JSON (NaN and Infinity as null); a killed run
-    leaves the old file or none."""
-    text = json.dumps(finite_json(data), indent=2, ensure_ascii=False, allow_nan=False)
-    write_text_atomic(path, text + "\n")
-
-
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Context manager yielding a temp dir that replaces `out_dir` only on success.
-
-    A run killed inside the block leaves `out_dir` untouched (at worst a hidden
-    ``.<name>.*`` temp directory next to it).
-    """
-    return _AtomicDirectory(Path(out_dir), overwrite)
-
-
-class _AtomicDirectory:
-    def __init__(self, out_dir: Path, overwrite: bool):
-        self.out_dir = out_dir.absolute()
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        if self.out_dir.exists() and not self.overwrite:
-            raise FileExistsError(f"{self.out_dir} already exists (refusing to overwrite)")
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.", dir=self.out_dir.parent))
-        # mkdtemp makes the directory private (0700); give it the usual permissions.
-        self.tmp.chmod(0o777 & ~_umask())
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.out_dir.exists() or self.out_dir.is_symlink():
-            old = Path(
-                tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old.", dir=self.out_dir.parent)
-            )
-            os.replace(self.out_dir, old / "old")
-            try:
-                os.replace(self.tmp, self.out_dir)
-            except BaseException:
-                os.replace(old / "old", self.out_dir)
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.out_dir)
-        return False
 
 
 def write_peft_files(
@@ -997,7 +905,7 @@ def write_peft_files(
     save_file(tensors, str(directory / WEIGHTS_NAME))
     # safetensors may create the file private (0600); give it the umask's mode (0644)
     # like every other output.
-    (directory / WEIGHTS_NAME).chmod(0o666 & ~_umask())
+    (directory / WEIGHTS_NAME).chmod(0o666 & ~umask())
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -40,7 +40,8 @@ import optax
 from tqdm.auto import tqdm
 
 from d2c_jax.examples import EncodedExamples, encode_examples
-from d2c_jax.library import LoraParams, finite_json, save_peft_adapter
+from d2c_jax.io import finite_json
+from d2c_jax.library import LoraParams, save_peft_adapter
 from d2c_jax.scoring import example_nll
 
 TRAIN_RECORD_NAME = "train_record.json"

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from d2c_jax.cluster.base import membership_mask
-from d2c_jax.library import AdapterLibrary, LoraParams, save_peft_adapter, write_json_atomic
+from d2c_jax.io import write_json_atomic
+from d2c_jax.library import AdapterLibrary, LoraParams, save_peft_adapter
 from kernels.merge import MergeConfig
 
 ASSIGNMENT_NAME = "assignment.json"

@@ -215,7 +215,7 @@ def replaceable(
 
 def json_dumps_strict(data: Any, **kwargs) -> str:
     """``json.dumps`` that writes NaN and Infinity as null (valid JSON)."""
-    from d2c_jax.library import finite_json
+    from d2c_jax.io import finite_json
 
     return json.dumps(finite_json(data), allow_nan=False, **kwargs)
 

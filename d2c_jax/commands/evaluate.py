@@ -42,7 +42,7 @@ from d2c_jax.commands.checks import (
     replaceable,
 )
 from d2c_jax.commands.merge_args import add_merge_arguments
-from d2c_jax.library import write_json_atomic
+from d2c_jax.io import write_json_atomic
 from d2c_jax.merging import DEFAULT_MERGE
 
 SINGLE_CACHE_NAME = "single.json"

@@ -68,7 +68,8 @@ def _run(args: argparse.Namespace) -> int:
     """`run` with OUT's lock held."""
     import jax.numpy as jnp
 
-    from d2c_jax.library import AdapterLibrary, atomic_directory, write_peft_files
+    from d2c_jax.io import atomic_directory
+    from d2c_jax.library import AdapterLibrary, write_peft_files
     from d2c_jax.merging import merge
 
     config = merge_config_from_args(args)

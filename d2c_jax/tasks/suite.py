@@ -50,10 +50,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
-from importlib import metadata
 from pathlib import Path
 
+from d2c_jax.io import versions, write_bytes_atomic, write_json_atomic
 from d2c_jax.tasks.generators import GENERATORS, LANGUAGE_INFO
 
 TASK_TYPES: tuple[str, ...] = ("numwords", "date", "units", "name", "address")
@@ -121,23 +120,6 @@ def _dump_jsonl(rows: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _package_versions() -> dict[str, str]:
-    return {p: metadata.version(p) for p in _SOURCE_PACKAGES}
-
-
 def generate_suite(
     out_dir: str | os.PathLike, seed: int = DEFAULT_SEED, sizes: dict[str, int] | None = None
 ) -> Path:
@@ -153,7 +135,7 @@ def generate_suite(
     for name in list_tasks():
         splits = generate_task(name, seed=seed, sizes=sizes)
         for split, rows in splits.items():
-            _write_atomic(out / name / f"{split}.jsonl", _dump_jsonl(rows))
+            write_bytes_atomic(out / name / f"{split}.jsonl", _dump_jsonl(rows))
         task_type, lang = task_meta(name)
         tasks[name] = {"type": task_type, "language": lang}
     manifest = {
@@ -162,12 +144,11 @@ def generate_suite(
         "task_types": list(TASK_TYPES),
         "languages": list(LANGUAGES),
         "split_sizes": sizes,
-        "packages": _package_versions(),
+        "packages": versions(_SOURCE_PACKAGES),
         "layout": '<task>/<split>.jsonl, lines {"prompt": str, "target": str}',
         "tasks": tasks,
     }
-    text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
-    _write_atomic(out / MANIFEST, text.encode("utf-8"))
+    write_json_atomic(out / MANIFEST, manifest)
     return out
 
 
