@@ -1,8 +1,8 @@
 """The `d2c` commands end to end on other model families than Llama, and on PEFT layouts.
 
-For Gemma 3 (text), Qwen3 and Phi-3 (fused ``qkv_proj``), a tiny random model written by
-transformers (`tests.test_families`) carries a library of four PEFT adapters on its
-q and v modules. `d2c merge` (linear and TIES, factor space) must write the factors
+For every registered family (Phi-3 through its fused ``qkv_proj``), a tiny random model
+written by transformers (`tests.test_families`) carries a library of four PEFT adapters
+on its q and v modules. `d2c merge` (linear and TIES, factor space) must write the factors
 PEFT's own ``add_weighted_adapter`` computes; `d2c cluster --method d2c` and `d2c
 evaluate` must run on it and write their outputs. Then two layouts through the CLI: a
 multimodal (``language_model``) library keeps its keys in merged outputs, and adapters
@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from safetensors.numpy import load_file  # noqa: E402
 
-FAMILIES = ("gemma3_text", "qwen3", "phi3")
+FAMILIES = tuple(sorted(CASES))  # every registered family
 TASKS = ("t0", "t1", "t2", "t3")
 WORDS = ("cat", "dog", "sun", "sky", "tree", "jax")
 
