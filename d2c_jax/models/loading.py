@@ -361,22 +361,34 @@ def base_config(spec: str | os.PathLike) -> DecoderConfig | None:
     what it expects."""
     path = _spec_path(str(spec))
     if path.is_file() and path.suffix.lower() == ".gguf":
-        entry = _cache_entry(path)
-        if entry is not None and (entry / "d2c_model.json").is_file():
-            try:
-                return DecoderConfig.from_dict(
-                    json.loads((entry / "d2c_model.json").read_text())["config"]
-                )
-            except (OSError, KeyError, TypeError, ValueError):
-                pass  # a broken cache entry: read the file's own metadata
-        from d2c_jax.models.gguf import gguf_file_config
-
-        return gguf_file_config(path)[1]
+        st = path.stat()  # a command asks twice (the check, then the depth): parse once
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _GGUF_CONFIGS:
+            _GGUF_CONFIGS[key] = _gguf_base_config(path)
+        return _GGUF_CONFIGS[key]
     if path.is_dir() and (path / "config.json").is_file():
         from d2c_jax.models.hf import hf_config
 
         return hf_config(path)[1]
     return None
+
+
+_GGUF_CONFIGS: dict[tuple[str, int, int], DecoderConfig] = {}
+
+
+def _gguf_base_config(path: Path) -> DecoderConfig:
+    """A GGUF's config from the weight cache's record, else from the file's metadata."""
+    entry = _cache_entry(path)
+    if entry is not None and (entry / "d2c_model.json").is_file():
+        try:
+            return DecoderConfig.from_dict(
+                json.loads((entry / "d2c_model.json").read_text())["config"]
+            )
+        except (OSError, KeyError, TypeError, ValueError):
+            pass  # a broken cache entry: read the file's own metadata
+    from d2c_jax.models.gguf import gguf_file_config
+
+    return gguf_file_config(path)[1]
 
 
 def load_base(spec: str | os.PathLike = "default", dtype=jnp.float32) -> BaseModel:
